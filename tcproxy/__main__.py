@@ -1,0 +1,3 @@
+from tcproxy.cli import main
+
+raise SystemExit(main())

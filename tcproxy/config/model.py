@@ -1,0 +1,110 @@
+"""The configuration as typed, immutable values.
+
+Everything that decides what a config *means* lives here; reading YAML lives in ``loader``.
+Defaults here are the defaults a user gets for a key they leave out, and the ones
+``config.example.yaml`` documents.
+
+    >>> cfg = Config()
+    >>> cfg.limits.for_model("gpt-4").rpm
+    500
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+MiB = 1024 * 1024
+
+# The upstream's documented limits (tokencheap-api.md, "Rate limits").
+DOCUMENTED_RPM: Mapping[str, int] = MappingProxyType(
+    {"gpt-4": 500, "gpt-3.5-turbo": 3500, "claude-2": 500}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimit:
+    """How fast requests for one model may leave for the upstream.
+
+    ``burst`` is how many requests may go at once after an idle spell. Left unset, it is the
+    largest burst that still fits a per-second bucket of ``rpm/60`` (the strictest way the
+    upstream might count), less the safety margin; see ``tcproxy.pacing.pacer``.
+    """
+
+    rpm: int
+    burst: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8787
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    base_url: str = "https://api.tokencheap.com"
+    token_env: str = "TOKENCHEAP_API_KEY"
+    token_file: str | None = None
+    connect_timeout: float = 10.0
+    # Longest silence allowed while waiting for the upstream's next bytes. There is no total
+    # timeout: a stream may legitimately run for many minutes.
+    read_timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    default: ModelLimit = ModelLimit(rpm=500)
+    models: Mapping[str, ModelLimit] = field(
+        default_factory=lambda: MappingProxyType(
+            {name: ModelLimit(rpm) for name, rpm in DOCUMENTED_RPM.items()}
+        )
+    )
+    queue_timeout: float = 600.0
+    max_queue: int = 10_000
+    # Seconds of arrival jitter (network, connection set-up) the pacing leaves room for.
+    safety_margin: float = 0.25
+    max_retries: int = 5
+
+    def for_model(self, model: str) -> ModelLimit:
+        return self.models.get(model, self.default)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    max_body_size: int = 32 * MiB
+    # A body that has not fully arrived this many seconds after its headers gets 408.
+    body_timeout: float = 60.0
+    # Idle keep-alive connections, and connections whose headers never complete, close after this.
+    keepalive_timeout: float = 75.0
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # auto: console on a terminal, JSON lines otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig = ListenConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
