@@ -1,0 +1,263 @@
+"""Logging: structlog configured once, lines written off the event loop.
+
+- JSON lines when the output is not a terminal, readable colourless-or-coloured console lines on
+  one; under journald (``JOURNAL_STREAM`` set) JSON without our own timestamp (journald stamps
+  every line) and with a ``<N>`` syslog priority prefix, so ``journalctl -p err`` works.
+- Lines are handed to a writer thread through a bounded queue: a stdout pipe that is full, or a
+  disk that is full, never stalls a request. Lines that cannot be queued or written are counted,
+  and the count is reported once the sink recovers.
+- Every rendered line passes a last filter that masks registered secrets, so even a bug that puts
+  the upstream token into an event cannot print it.
+- The level can change at run time (reload) without rebuilding loggers.
+
+This module knows nothing about HTTP; it is configured by the CLI and used everywhere through
+``structlog.get_logger()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+MASK = "**********"
+
+
+class LineSink:
+    """Writes lines to a stream from a daemon thread; ``write`` never blocks."""
+
+    def __init__(self, stream: TextIO, max_pending: int = 20_000) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max_pending)
+        self.dropped = 0  # lines refused because the queue was full (the stream is stuck)
+        self.failed = 0  # lines whose write raised (disk full, closed pipe)
+        self._thread = threading.Thread(target=self._run, name="tcproxy-log", daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line was written (or failed). False if that took too long."""
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True)
+        waiter.start()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then end the writer thread."""
+        self.flush(timeout)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            lines = [line for line in batch if line is not None]
+            if not lines:
+                for _ in batch:
+                    self._queue.task_done()
+                continue
+            try:
+                if self.dropped or self.failed:
+                    lines.insert(0, self._loss_report())
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.failed += len(lines)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _loss_report(self) -> str:
+        report = (
+            f'{{"event": "log lines lost", "level": "error", "dropped": {self.dropped},'
+            f' "failed": {self.failed}}}'
+        )
+        self.dropped = self.failed = 0
+        return report
+
+
+class _SinkLogger:
+    """The structlog 'logger' at the end of the chain: hands the rendered line to the sink."""
+
+    def __init__(self, sink: LineSink) -> None:
+        self._sink = sink
+
+    def msg(self, message: str) -> None:
+        self._sink.write(message)
+
+    debug = info = warning = warn = error = err = critical = exception = fatal = msg
+
+
+class LevelFilter:
+    """Drops events below a level that can change at run time."""
+
+    def __init__(self, level: str) -> None:
+        self.threshold = LEVELS[level]
+
+    def set_level(self, level: str) -> None:
+        self.threshold = LEVELS[level]
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if LEVELS.get(_level_name(method_name), 20) < self.threshold:
+            raise structlog.DropEvent
+        return event_dict
+
+
+class SecretMask:
+    """Masks registered secrets in the rendered line: the last line of defence, not the first."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def add(self, secret: str) -> None:
+        if secret and secret not in self._secrets:
+            # Longest first, so a secret that contains another is masked whole.
+            self._secrets = tuple(sorted((*self._secrets, secret), key=len, reverse=True))
+
+    def __call__(self, logger: Any, method_name: str, line: str) -> str:
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, MASK)
+        return line
+
+
+def _event_first(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+    """Put the fields a reader scans for first in a JSON line."""
+    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
+    head.update(event_dict)
+    return head
+
+
+class _SyslogPrefix:
+    def __call__(self, logger: Any, method_name: str, line: str) -> str:
+        return f"<{_SYSLOG_PRIORITY.get(_level_name(method_name), 6)}>{line}"
+
+
+def _level_name(method_name: str) -> str:
+    return {"warn": "warning", "err": "error", "exception": "error", "fatal": "critical"}.get(
+        method_name, method_name
+    )
+
+
+class LogControl:
+    """What the running service can still change about logging: level, secrets, flushing."""
+
+    def __init__(self, sink: LineSink, level: LevelFilter, secrets: SecretMask) -> None:
+        self.sink = sink
+        self._level = level
+        self._secrets = secrets
+
+    def set_level(self, level: str) -> None:
+        self._level.set_level(level)
+        logging.getLogger().setLevel(LEVELS[level])
+
+    def add_secret(self, secret: str) -> None:
+        self._secrets.add(secret)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return self.sink.flush(timeout)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LogControl:
+    """Configure structlog (and route the standard library's logging into it)."""
+    stream = sys.stdout if stream is None else stream
+    env = os.environ if env is None else env
+    journald = bool(env.get("JOURNAL_STREAM")) and fmt == "auto"
+    if fmt == "auto":
+        fmt = "console" if _isatty(stream) and not journald else "json"
+    sink = LineSink(stream)
+    level_filter = LevelFilter(level)
+    secrets = SecretMask()
+    processors: list[Any] = [
+        level_filter,
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+    ]
+    if not journald:
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+    if fmt == "json":
+        processors += [
+            structlog.processors.dict_tracebacks,
+            _event_first,
+            structlog.processors.JSONRenderer(default=str),
+        ]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=_isatty(stream)))
+    processors.append(secrets)
+    if journald:
+        processors.append(_SyslogPrefix())
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.BoundLogger,
+        logger_factory=lambda *args: _SinkLogger(sink),
+        cache_logger_on_first_use=True,
+    )
+    _route_stdlib_logging(LEVELS[level])
+    return LogControl(sink, level_filter, secrets)
+
+
+class _ToStructlog(logging.Handler):
+    """Sends records of the standard library's loggers (asyncio, aiohttp) through structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            logger = structlog.get_logger(record.name)
+            name = logging.getLevelName(record.levelno).lower()
+            method = getattr(logger, name if name in LEVELS else "info")
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            method(record.getMessage(), **fields)
+        except Exception:  # a broken log record must never take the service down
+            self.handleError(record)
+
+
+def _route_stdlib_logging(level: int) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ToStructlog):
+            root.removeHandler(handler)
+    root.addHandler(_ToStructlog())
+    root.setLevel(level)
+    # aiohttp's own access log is replaced by our one line per request.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,93 @@
+"""Pacing: per-model queues and the pacers behind them. Knows nothing of HTTP.
+
+    limiter = Limiter(config.limits)
+    waited = await limiter.queue("gpt-4").wait_turn(client="-", timeout=600)
+
+``pacer`` holds the release rules, ``queue`` the fair waiting line; this module keeps one queue
+per model, follows config reloads, and reports their state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tcproxy.config.model import LimitsConfig
+from tcproxy.pacing.pacer import MINUTE, Pacer
+from tcproxy.pacing.queue import ModelQueue
+
+__all__ = ["Limiter", "ModelQueue", "Pacer"]
+
+# Models not in the config each get a queue of their own on first use. Past this many, idle
+# ones are forgotten, so a client inventing model names cannot grow memory without bound.
+_MAX_IDLE_QUEUES = 256
+
+
+class Limiter:
+    def __init__(self, limits: LimitsConfig, *, time_scale: float = 1.0) -> None:
+        self._limits = limits
+        # time_scale > 1 runs the minute faster (tests, emulation): the window shrinks by it.
+        self.time_scale = time_scale
+        self._queues: dict[str, ModelQueue] = {}
+        self._refusals: dict[str, int] = {}  # upstream 429s seen, per model
+
+    @property
+    def window(self) -> float:
+        return MINUTE / self.time_scale
+
+    @property
+    def limits(self) -> LimitsConfig:
+        return self._limits
+
+    def queue(self, model: str) -> ModelQueue:
+        queue = self._queues.get(model)
+        if queue is None:
+            if len(self._queues) >= _MAX_IDLE_QUEUES:
+                self._forget_idle()
+            pacer = Pacer(self._limits.for_model(model), self._limits.safety_margin, self.window)
+            queue = self._queues[model] = ModelQueue(model, pacer, self._limits.max_queue)
+        return queue
+
+    def update(self, limits: LimitsConfig) -> None:
+        """Follow a reloaded config; waiters keep their place and follow the new pace."""
+        self._limits = limits
+        for model, queue in self._queues.items():
+            queue.max_queue = limits.max_queue
+            if isinstance(queue.pacer, Pacer):
+                queue.pacer.update(limits.for_model(model), limits.safety_margin, self.window)
+
+    def note_refusal(self, model: str) -> None:
+        self._refusals[model] = self._refusals.get(model, 0) + 1
+
+    def _forget_idle(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for model in [m for m, q in self._queues.items() if q.depth == 0 and m not in self._limits.models]:
+            pacer = self._queues[model].pacer
+            if isinstance(pacer, Pacer) and pacer.is_idle(now):
+                del self._queues[model]
+
+    def close(self) -> None:
+        for queue in self._queues.values():
+            queue.close()
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per-model state for /-/status and /metrics."""
+        now = asyncio.get_running_loop().time()
+        models: dict[str, dict[str, Any]] = {}
+        for model, queue in sorted(self._queues.items()):
+            pacer = queue.pacer
+            limit = self._limits.for_model(model)
+            entry: dict[str, Any] = {
+                "rpm": limit.rpm,
+                "queue_depth": queue.depth,
+                "oldest_wait_s": round(queue.oldest_wait(now), 3),
+                "paused_for_s": round(max(0.0, pacer.paused_until - now), 3),
+                "upstream_429": self._refusals.get(model, 0),
+            }
+            if isinstance(pacer, Pacer):
+                entry["released_last_60s"] = pacer.releases_within(now, self.window)
+            models[model] = entry
+        return models
+
+    def models(self) -> list[str]:
+        return sorted(self._queues)

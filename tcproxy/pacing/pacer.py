@@ -1,0 +1,168 @@
+"""When the next request for one model may leave: the in-process pacing backend.
+
+The upstream documents "N requests per minute" and not how it counts, so a release must be
+acceptable to the strictest reading. Two rules, both kept at every release:
+
+1. A sliding window: at most ``rpm`` releases in any ``window + margin`` seconds, starting at any
+   instant — the first minute after start-up and after an idle spell included. A log of recent
+   release times enforces it exactly. The margin covers arrival jitter: a request released at t
+   reaches the upstream somewhat later, by a varying amount.
+
+2. A per-second bucket: the upstream may count with a bucket of ``rpm/60`` per second and a burst
+   of ``rpm/60``. Our releases go through aiolimiter's leaky bucket at the same rate with a burst
+   of ``rpm/60 - margin/interval``: smaller by what the jitter could add, so whatever the
+   upstream sees still fits its bucket. For small rpm that burst drops below one request, and the
+   bucket spaces releases a little wider than the interval instead. A configured ``burst``
+   replaces this default (for users who know their upstream counts per minute); rule 1 still
+   holds then.
+
+The bucket absorbs event-loop lag as well: a release that fires a millisecond late does not push
+every later release back, so the long-run rate stays at the interval and utilisation near 100%.
+
+A plain ``AsyncLimiter(rpm, 60)`` keeps neither rule: it lets ``rpm`` through at once and nearly
+``2 * rpm`` in the first minute (bench/pacing.py shows it side by side).
+
+This module knows nothing of HTTP or of who is waiting; ``queue`` decides that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from aiolimiter import AsyncLimiter
+
+from tcproxy.config.model import ModelLimit
+
+MINUTE = 60.0
+
+
+def bucket_shape(limit: ModelLimit, margin: float, window: float = MINUTE) -> tuple[float, float]:
+    """(capacity, period) of the leaky bucket that paces ``limit``; see rule 2 above."""
+    interval = window / limit.rpm
+    if limit.burst is not None:
+        burst = limit.burst
+    else:
+        upstream_burst = max(1.0, limit.rpm / MINUTE)
+        burst = upstream_burst - margin / interval
+    if burst >= 1:
+        return burst, burst * interval
+    # Negative tolerance: one at a time, spaced wider than the interval by what is missing.
+    return 1.0, interval * (2 - burst)
+
+
+class Pacer:
+    """Grants release slots for one model; one consumer (the model's dispatcher) at a time."""
+
+    __slots__ = (
+        "_bucket",
+        "_changed",
+        "_limit",
+        "_margin",
+        "_precharge",
+        "_recent",
+        "_span",
+        "_window",
+        "paused_until",
+    )
+
+    def __init__(self, limit: ModelLimit, margin: float, window: float = MINUTE) -> None:
+        self._recent: deque[float] = deque()
+        self._changed = asyncio.Event()
+        self._precharge = False
+        self.paused_until = 0.0
+        self._configure(limit, margin, window)
+
+    def _configure(self, limit: ModelLimit, margin: float, window: float) -> None:
+        self._limit = limit
+        self._margin = margin
+        self._window = window
+        self._span = window + margin
+        capacity, period = bucket_shape(limit, margin, window)
+        self._bucket = AsyncLimiter(capacity, period)
+
+    @property
+    def limit(self) -> ModelLimit:
+        return self._limit
+
+    @property
+    def interval(self) -> float:
+        """Seconds between releases at full pace."""
+        return self._bucket.time_period / self._bucket.max_rate
+
+    def update(self, limit: ModelLimit, margin: float, window: float = MINUTE) -> None:
+        """Follow a new limit from now on; slots already granted stay granted."""
+        if (limit, margin, window) == (self._limit, self._margin, self._window):
+            return
+        self._configure(limit, margin, window)
+        # The new bucket starts full rather than empty: what the upstream counted before the
+        # change still counts, so a reload must not open a fresh burst.
+        self._precharge = True
+        self._wake()
+
+    def pause(self, until: float) -> None:
+        """Release nothing before loop time ``until`` (the upstream asked us to back off)."""
+        if until > self.paused_until:
+            self.paused_until = until
+            self._wake()
+
+    def ready(self, now: float) -> bool:
+        """True if a release right now would keep both rules (and nothing is pending)."""
+        return (
+            not self._precharge
+            and self._blocked_for(now) <= 0
+            and self._bucket.has_capacity()
+        )
+
+    async def acquire(self) -> None:
+        """Wait for the next slot and take it."""
+        loop = asyncio.get_running_loop()
+        holding = False
+        while True:
+            wait = self._blocked_for(loop.time())
+            if wait > 0:
+                await self._nap(wait)
+                continue
+            if not holding:
+                bucket = self._bucket
+                if self._precharge:
+                    self._precharge = False
+                    await bucket.acquire(bucket.max_rate)
+                await bucket.acquire()
+                holding = True
+                continue  # the bucket may have made us wait: check the window and pause again
+            self._recent.append(loop.time())
+            return
+
+    def releases_within(self, now: float, seconds: float) -> int:
+        """How many slots were granted in the last ``seconds`` (at most window + margin)."""
+        cutoff = now - seconds
+        return sum(1 for t in self._recent if t > cutoff)
+
+    def _blocked_for(self, now: float) -> float:
+        """Seconds until the window log and any pause allow a release (<= 0: allowed now)."""
+        recent = self._recent
+        cutoff = now - self._span
+        while recent and recent[0] <= cutoff:
+            recent.popleft()
+        wait = self.paused_until - now
+        excess = len(recent) - self._limit.rpm
+        if excess >= 0:
+            wait = max(wait, recent[excess] + self._span - now)
+        return wait
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, but wake early when the limit changes or a pause arrives."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    def is_idle(self, now: float) -> bool:
+        """Nothing granted within the window and no pause: forgetting this pacer loses nothing."""
+        self._blocked_for(now)
+        return not self._recent and self.paused_until <= now
