@@ -1,0 +1,131 @@
+"""Reading a client's request: the path it may go to, its body, and the model it names.
+
+Everything a client can get wrong is caught here with a 4xx that says what to fix. The body is
+read once, bounded in size and time, and kept as bytes: it is forwarded as received (or as
+aiohttp inflated it), and parsed only to learn ``model`` and ``stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from tcproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
+
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+_MAX_MODEL_LENGTH = 200
+
+
+def upstream_target(request: web.Request) -> str:
+    """The request's path and query as they go upstream, once checked to be a plain /v1/ path."""
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raise BadRequest(
+            "bad_path",
+            "tcproxy is not a forward proxy: send the path only (e.g. POST /v1/completions),"
+            " not an absolute URL",
+        )
+    path = request.rel_url.raw_path
+    if not path.startswith("/v1/"):
+        raise BadRequest("bad_path", f"the path {path!r} must start with /v1/ as sent")
+    for segment in path.split("/")[2:]:
+        decoded = unquote(segment)
+        if decoded in ("", ".", "..") or "/" in decoded or "\\" in decoded or not decoded.isprintable():
+            raise BadRequest(
+                "bad_path",
+                f"the path {path!r} has an empty, '.' or '..' segment or an encoded slash;"
+                " send a plain API path like /v1/completions",
+            )
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
+
+
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The whole body, or 413 past ``limit`` bytes, or 408 if it does not arrive in ``timeout``."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            # iter_any yields what the socket delivered (inflated, if the client sent
+            # Content-Encoding): one join copies it once.
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            "body_timeout",
+            f"the request body did not arrive within {timeout:g}s (server.body_timeout)",
+        ) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        "body_too_large",
+        f"the request body is larger than {_human(limit)} (server.max_body_size); send less",
+    )
+
+
+def find_model(method: str, body: bytes) -> tuple[str | None, bool]:
+    """(model, stream) named by a JSON body. Requests without a body name no model."""
+    if method not in _METHODS_WITH_BODY and not body:
+        return None, False
+    if not body.strip():
+        raise BadRequest(
+            "invalid_body",
+            'the request body is empty; send a JSON object such as {"model": "gpt-4", "prompt": "Hello"}',
+        )
+    try:
+        document: Any = json.loads(body)
+    except UnicodeDecodeError:
+        raise BadRequest("invalid_json", "the request body is not UTF-8 encoded JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            "invalid_json",
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from None
+    except RecursionError:
+        raise BadRequest("invalid_json", "the request body's JSON is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise BadRequest(
+            "invalid_body",
+            f"the request body must be a JSON object, got {_json_kind(document)}",
+        )
+    if "model" not in document:
+        raise BadRequest(
+            "model_missing", 'the request body needs a "model", e.g. {"model": "gpt-4", ...}'
+        )
+    model = document["model"]
+    if not isinstance(model, str):
+        raise BadRequest(
+            "invalid_model", f'"model" must be a string such as "gpt-4", got {_json_kind(model)}'
+        )
+    if not model or len(model) > _MAX_MODEL_LENGTH or not model.isprintable():
+        raise BadRequest(
+            "invalid_model",
+            f'"model" must be a model name of 1-{_MAX_MODEL_LENGTH} printable characters',
+        )
+    return model, document.get("stream") is True
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"

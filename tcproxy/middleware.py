@@ -1,0 +1,106 @@
+"""Around every request: its id, its one access log line, and errors in the OpenAI shape.
+
+``observe`` is the only middleware. It gives each request a ``RequestRecord`` and a request id
+(the client's ``X-Request-Id`` when it is sane), binds the id to the log context, turns tcproxy's
+errors and aiohttp's own (404, 405) into ``{"error": {...}}`` with ``X-TCProxy-Error``, and when
+the request ends — answered, failed or abandoned by its client — writes the canonical log line
+and hands the record to whoever counts (``State.observers``: metrics, the usage ledger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from tcproxy.errors import ProxyError, for_status
+from tcproxy.record import RECORD, RequestRecord
+from tcproxy.state import STATE
+
+log = structlog.get_logger("tcproxy.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+CLIENT_GONE = 499  # nginx's status for "the client closed the connection first"
+
+_NOT_FOUND = (
+    "tcproxy serves /v1/* (forwarded to the upstream) and /-/healthy, /-/ready, /-/status"
+    " and /metrics"
+)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    record = RequestRecord(request_id, request.method, request.path, loop.time())
+    request[RECORD] = record
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await handler(request)
+        record.status = response.status
+        return response
+    except ProxyError as exc:
+        return _error_response(record, exc)
+    except web.HTTPException as exc:
+        return _error_response(record, _translate(request, exc))
+    except (asyncio.CancelledError, ConnectionError):
+        record.status = CLIENT_GONE
+        record.error = record.error or "client_gone"
+        raise
+    except Exception:
+        log.exception("unexpected error while handling a request", path=request.path)
+        error = ProxyError("internal_error", "tcproxy failed unexpectedly; see its log")
+        return _error_response(record, error)
+    finally:
+        record.total_s = loop.time() - record.started
+        _finish(request, record)
+
+
+def _error_response(record: RequestRecord, error: ProxyError) -> web.Response:
+    record.status = error.status
+    record.error = error.code
+    response = web.json_response(error.body(), status=error.status, headers=error.headers())
+    if error.status in (408, 413) or error.code == "bad_path":
+        # The rest of the body may still be on the wire: do not read it, close.
+        response.force_close()
+    return response
+
+
+def _translate(request: web.Request, exc: web.HTTPException) -> ProxyError:
+    if exc.status == 404:
+        return for_status(404, "unknown_path", f"no such path: {request.path}; {_NOT_FOUND}")
+    if exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        return for_status(
+            405, "method_not_allowed", f"{request.method} is not allowed here; use {allowed}"
+        )
+    if exc.status == 413:
+        return for_status(413, "body_too_large", "the request body is too large")
+    return for_status(exc.status, "http_error", exc.reason)
+
+
+def _finish(request: web.Request, record: RequestRecord) -> None:
+    state = request.app[STATE]
+    for observer in state.observers:
+        observer(record)
+    fields = record.fields()
+    if record.path.startswith("/-/") or record.path == "/metrics":
+        log.debug("request", **fields)
+    elif record.status >= 500:
+        log.warning("request", **fields)
+    else:
+        log.info("request", **fields)
+
+
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response says which request it answers and how long it queued."""
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["X-Request-Id"] = record.request_id
+        response.headers["X-TCProxy-Queue-Ms"] = str(round(record.queue_s * 1000))

@@ -1,0 +1,205 @@
+"""The forwarding handler for ``/v1/*``: read → wait for a slot → upstream → stream back.
+
+One way through: the body is read and its model found (``incoming``), the request waits in its
+model's queue (``pacing``), goes upstream with the stored token (``headers``, ``upstream``), and
+the answer is relayed chunk by chunk as it arrives, its ``usage`` noted on the side
+(``accounting``). A 429 from the upstream pauses the model and puts the request back at the head
+of its queue; the client sees a 429 only once its own deadline has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tcproxy import headers as hdrs
+from tcproxy.accounting import UsageSniffer
+from tcproxy.errors import ServiceUnavailable
+from tcproxy.incoming import find_model, read_body, upstream_target
+from tcproxy.record import RECORD, RequestRecord
+from tcproxy.state import STATE, State
+from tcproxy.upstream import drain_and_release
+
+log = structlog.get_logger("tcproxy.proxy")
+
+_BACKOFF_BASE = 1.0  # seconds (upstream time) before the first retry of a bare 429
+_BACKOFF_CAP = 60.0
+_RETRY_AFTER_CAP = 3600.0
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    record = request[RECORD]
+    if state.draining:
+        raise ServiceUnavailable(
+            "shutting_down", "tcproxy is shutting down; retry in a moment", retry_after=5
+        )
+    server = state.config.server
+    target = upstream_target(request)
+    body = await read_body(request, server.max_body_size, server.body_timeout)
+    record.bytes_in = len(body)
+    record.model, record.stream = find_model(request.method, body)
+    headers = hdrs.to_upstream(request.headers, state.authorization(), record.request_id)
+    if body:
+        # aiohttp inflated a compressed request body; it goes upstream as plain bytes.
+        headers.popall("Content-Encoding", None)
+    response = await _send(request, state, record, target, headers, body)
+    return await _relay(request, response, record)
+
+
+async def _send(
+    request: web.Request,
+    state: State,
+    record: RequestRecord,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+) -> aiohttp.ClientResponse:
+    upstream = state.upstream
+    assert upstream is not None, "the upstream session is opened at start-up"
+    loop = asyncio.get_running_loop()
+    if record.model is None:  # no model, no documented limit: straight through
+        started = loop.time()
+        response = await upstream.send(request.method, target, headers, body)
+        record.upstream_s = loop.time() - started
+        return response
+    limits = state.config.limits
+    queue = state.limiter.queue(record.model)
+    deadline = loop.time() + limits.queue_timeout
+    while True:
+        record.queue_s += await queue.wait_turn(
+            record.client, deadline - loop.time(), front=record.retries > 0
+        )
+        started = loop.time()
+        response = await upstream.send(request.method, target, headers, body)
+        record.upstream_s = loop.time() - started
+        record.upstream_status = response.status
+        _note_balance(state, response.status, record.model)
+        if response.status != 429:
+            return response
+        pause = _retry_after(response.headers.get("Retry-After"), state.time_scale)
+        if pause is None:
+            pause = _backoff(record.retries) / state.time_scale
+        resume = loop.time() + pause
+        queue.pacer.pause(resume)
+        state.limiter.note_refusal(record.model)
+        if record.retries >= limits.max_retries or resume >= deadline:
+            return response  # the upstream's own 429, Retry-After and all
+        log.info(
+            "upstream refused with 429; model paused, request back at the head of its queue",
+            model=record.model,
+            pause_s=round(pause, 3),
+            retry=record.retries + 1,
+        )
+        await drain_and_release(response)
+        record.retries += 1
+
+
+def _note_balance(state: State, status: int, model: str) -> None:
+    if status == 402:
+        state.alarms.begin(
+            "balance_spent",
+            "the upstream answers 402: the TokenCheap balance is spent; requests fail until it"
+            " is topped up",
+            model=model,
+        )
+    elif status < 400:
+        state.alarms.end("balance_spent", "the upstream accepts requests again (balance restored)")
+
+
+def _retry_after(value: str | None, time_scale: float) -> float | None:
+    """Loop seconds to wait from a Retry-After header (delay-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value) / time_scale
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), _RETRY_AFTER_CAP)
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter, in upstream seconds."""
+    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, record: RequestRecord
+) -> web.StreamResponse:
+    """Stream the upstream's answer to the client as it arrives."""
+    loop = asyncio.get_running_loop()
+    started = loop.time() - (record.upstream_s or 0.0)  # when the request went upstream
+    content_type = upstream.headers.get("Content-Type", "")
+    sniffer = UsageSniffer(content_type, upstream.headers.get("Content-Encoding", ""))
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=hdrs.from_upstream(upstream.headers),
+    )
+    content = upstream.content
+    try:
+        await response.prepare(request)
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                # The upstream broke off (reset, timeout) after its headers were relayed.
+                record.error = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_reset"
+                break
+            if not chunk:
+                break
+            sniffer.feed(chunk)
+            # A client that went away raises ConnectionError here; the middleware logs it.
+            await response.write(chunk)
+            record.bytes_out += len(chunk)
+    finally:
+        upstream.release()
+        record.usage = sniffer.usage()
+        record.upstream_s = loop.time() - started
+    if record.error:
+        await _cut(request, response, content_type, record)
+    else:
+        await response.write_eof()
+    return response
+
+
+async def _cut(
+    request: web.Request, response: web.StreamResponse, content_type: str, record: RequestRecord
+) -> None:
+    """End a relay the upstream broke off, so the client can tell it is incomplete."""
+    if content_type.startswith("text/event-stream") and response.prepared:
+        # An SSE client gets an error event it can act on, then a clean end without [DONE].
+        event = {
+            "error": {
+                "message": "the upstream connection broke off mid-stream; the answer is incomplete",
+                "type": "upstream_error",
+                "code": record.error,
+            }
+        }
+        try:
+            await response.write(b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n")
+            await response.write_eof()
+            return
+        except ConnectionError:
+            pass
+    # Any other body: close the connection mid-body, which every HTTP client reports as a
+    # truncated response, rather than ending it as if it were whole.
+    response.force_close()
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,131 @@
+"""The way to the upstream: one shared ClientSession and what its failures mean to a client.
+
+The session is made once per application (in a cleanup context) with settings a proxy needs and
+aiohttp's defaults get wrong for one:
+
+- redirects are never followed (a 30x would carry the token to another origin): answered 502;
+- no total timeout (it would cut any stream longer than five minutes): a connect timeout and a
+  per-read timeout instead;
+- responses are not decompressed: bytes are relayed as they came, with their Content-Encoding;
+- no cookie jar (one client's cookies must never ride along with another's request), and no
+  proxy settings taken from the environment;
+- no connection limit: the pacer decides how many requests go, and a pool limit would hold
+  released requests back and let them reach the upstream in a bunch.
+
+This module knows the token only as the header value it is handed; it knows nothing of clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from tcproxy.config.model import UpstreamConfig
+from tcproxy.errors import BadGateway, GatewayTimeout
+
+
+def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60)
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=None,
+        sock_connect=config.connect_timeout,
+        sock_read=config.read_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        # Sent only if the client sent them: we do not invent an encoding or a content type.
+        skip_auto_headers=("Accept-Encoding", "Content-Type"),
+    )
+
+
+class Upstream:
+    """Sends one request upstream and maps every way that can fail to a tcproxy error."""
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self._session = session
+
+    async def send(
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """The upstream's response with headers read and the body still to come."""
+        url = self.config.base_url + target
+        try:
+            response = await self._session.request(
+                method,
+                URL(url, encoded=True),
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+            )
+        except aiohttp.ServerTimeoutError:
+            raise GatewayTimeout(
+                "upstream_timeout",
+                f"the upstream did not answer within {self.config.read_timeout:g}s"
+                " (upstream.read_timeout); the request was sent and is not retried",
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise BadGateway(
+                "upstream_unreachable",
+                f"cannot connect to the upstream at {_origin(self.config.base_url)}"
+                f" ({exc.strerror or type(exc).__name__}); check upstream.base_url and the network",
+            ) from None
+        except TimeoutError:
+            raise GatewayTimeout(
+                "upstream_timeout",
+                f"connecting to the upstream took longer than {self.config.connect_timeout:g}s"
+                " (upstream.connect_timeout)",
+            ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            raise BadGateway(
+                "upstream_reset",
+                "the upstream closed the connection before answering; the request may or may"
+                " not have been processed, so it is not retried",
+            ) from None
+        except aiohttp.ClientResponseError:
+            raise BadGateway(
+                "upstream_bad_response", "the upstream sent a response that is not valid HTTP"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise BadGateway(
+                "upstream_error", f"the request to the upstream failed ({type(exc).__name__})"
+            ) from None
+        if 300 <= response.status < 400:
+            response.release()
+            raise BadGateway(
+                "upstream_redirect",
+                f"the upstream answered with a redirect ({response.status}); tcproxy never"
+                " follows one, since it would carry the token elsewhere. Check upstream.base_url",
+            )
+        if response.status == 401:
+            response.release()
+            raise BadGateway(
+                "upstream_auth_failed",
+                "the upstream refused the token stored on the tcproxy host (not your key):"
+                " whoever runs tcproxy should fix the token there (TOKENCHEAP_API_KEY,"
+                " upstream.token_file or the systemd credential) and reload",
+            )
+        return response
+
+
+def _origin(url: str) -> str:
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+async def drain_and_release(response: aiohttp.ClientResponse, cap: int = 64 * 1024) -> None:
+    """Read a small refused answer so its connection can be reused; close it if it is large."""
+    try:
+        async with asyncio.timeout(5):
+            await response.content.read(cap)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    response.release()
