@@ -169,8 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from tcproxy.server import wait_forever
-    from tcproxy.service import StartupError, start_emulator
+    from tcproxy.service import StartupError, start_emulator, until_stopped
 
     rpm = dict(DOCUMENTED_RPM)
     for item in args.rpm:
@@ -206,7 +205,7 @@ def _emulate(args: argparse.Namespace) -> int:
             time_scale=settings.time_scale,
         )
         try:
-            await wait_forever()
+            await until_stopped()
         finally:
             await listening.close()
 

@@ -75,9 +75,11 @@ async def _send(
     queue = state.limiter.queue(record.model)
     deadline = loop.time() + limits.queue_timeout
     while True:
-        record.queue_s += await queue.wait_turn(
-            record.client, deadline - loop.time(), front=record.retries > 0
-        )
+        waited_from = loop.time()
+        try:
+            await queue.wait_turn(record.client, deadline - waited_from, front=record.retries > 0)
+        finally:
+            record.queue_s += loop.time() - waited_from
         started = loop.time()
         response = await upstream.send(request.method, target, headers, body)
         record.upstream_s = loop.time() - started

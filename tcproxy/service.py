@@ -84,21 +84,28 @@ async def serve(config: Config, token: Secret, *, emulator: EmulatorSettings | N
         if upstream is not None:
             await upstream.close()
         raise
+    try:
+        await until_stopped()
+        log.info("stopping: no new connections; letting requests in flight finish")
+        listening.app[STATE].draining = True
+        await listening.close()
+    finally:
+        if upstream is not None:
+            await upstream.close()
+    log.info("stopped")
+
+
+async def until_stopped() -> None:
+    """Return once SIGTERM or SIGINT arrives."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
-        log.info("stopping: no new connections; letting requests in flight finish")
-        listening.app[STATE].draining = True
-        await listening.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        if upstream is not None:
-            await upstream.close()
-    log.info("stopped")
 
 
 def emulator_token() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+import yaml
 
 from tcproxy.config import Config, Secret, parse_config
 from tcproxy.emulator import EMULATOR, Emulator, EmulatorSettings
@@ -145,8 +146,11 @@ StackFactory = Callable[..., Any]
 
 
 def proxy_config(base_url: str, extra: str = "") -> Config:
-    text = f"listen: 127.0.0.1:0\nupstream:\n  base_url: {base_url}\n{extra}"
-    return parse_config(text, source="<test config>")
+    """A config listening on a free loopback port, in front of ``base_url``, plus ``extra`` YAML."""
+    tree = yaml.safe_load(extra) or {}
+    tree.setdefault("listen", "127.0.0.1:0")
+    tree.setdefault("upstream", {})["base_url"] = base_url
+    return parse_config(yaml.safe_dump(tree), source="<test config>")
 
 
 @pytest.fixture

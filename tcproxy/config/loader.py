@@ -99,20 +99,26 @@ class _Reader:
     # -- YAML to plain values, remembering the line of every key --------------------------
 
     def parse(self, text: str) -> Any:
-        loader = yaml.SafeLoader(text)
+        loader: yaml.SafeLoader | None = None
         try:
+            loader = yaml.SafeLoader(text)
             node = loader.get_single_node()
             return self._plain(loader, node, ()) if node is not None else {}
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
             self.problems.append(ConfigProblem("", f"not valid YAML: {exc.problem}", line))
+        except yaml.reader.ReaderError as exc:
+            self.problems.append(
+                ConfigProblem("", f"not valid YAML: character #x{exc.character:04x} is not allowed")
+            )
         except yaml.YAMLError as exc:
             self.problems.append(ConfigProblem("", f"not valid YAML: {exc}"))
         except RecursionError:
             self.problems.append(ConfigProblem("", "not valid YAML: nested too deeply"))
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
         return None
 
     def _plain(self, loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath) -> Any:

@@ -78,8 +78,8 @@ class ModelQueue:
         """Seconds until a newcomer would be released, at full pace: for Retry-After."""
         return max(1.0, (self._depth + 1) * self.pacer.interval)
 
-    async def wait_turn(self, client: str, timeout: float, *, front: bool = False) -> float:
-        """Wait for this request's slot. Returns the seconds waited.
+    async def wait_turn(self, client: str, timeout: float, *, front: bool = False) -> None:
+        """Wait for this request's slot.
 
         Raises ``TooManyRequests`` when the line is full (at once) or ``timeout`` passes first.
         ``front`` puts a request the upstream refused back at the head; it is never refused for
@@ -89,7 +89,7 @@ class ModelQueue:
         start = loop.time()
         if self._depth == 0 and self._dispatcher is None and self.pacer.ready(start):
             await self.pacer.acquire()  # a free slot: taken without suspending
-            return 0.0
+            return
         if not front and self._depth >= self.max_queue:
             raise TooManyRequests(
                 "queue_full",
@@ -116,7 +116,6 @@ class ModelQueue:
             raise
         finally:
             self._remove(client, key)
-        return loop.time() - start
 
     def _timed_out(self) -> TooManyRequests:
         return TooManyRequests(

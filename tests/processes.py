@@ -1,0 +1,82 @@
+"""Running ``tcproxy`` as a real process, as a user or systemd would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A ``python -m tcproxy`` child with its output collected."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stdout = b""
+        self.stderr = b""
+
+    @classmethod
+    async def start(cls, args: Sequence[str], env: Mapping[str, str] | None = None) -> Process:
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("JOURNAL_STREAM", None)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tcproxy", *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+        )  # fmt: skip
+        return cls(proc)
+
+    async def wait_healthy(self, url: str, timeout: float = 15.0) -> None:
+        async with aiohttp.ClientSession() as session:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                if self.proc.returncode is not None:
+                    await self.finish()
+                    raise AssertionError(f"exited early: {self.stderr.decode()} {self.stdout.decode()}")
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as response:
+                        if response.status < 500:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"{url} did not answer within {timeout}s")
+                await asyncio.sleep(0.1)
+
+    async def finish(self, timeout: float = 30.0) -> int:
+        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.stdout += out
+        self.stderr += err
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signum)
+        return await self.finish(timeout)
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+    @property
+    def output(self) -> str:
+        return (self.stdout + self.stderr).decode(errors="replace")
+
+
+async def run(args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 30.0) -> tuple[int, str, str]:
+    process = await Process.start(args, env)
+    code = await process.finish(timeout)
+    return code, process.stdout.decode(), process.stderr.decode()
