@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tcproxy.emulator import EmulatorSettings
 from tests.conftest import UPSTREAM_TOKEN
 from tests.rawhttp import raw_request
 
@@ -225,3 +226,30 @@ async def test_no_token_in_any_error_answer(stack, logs):
     answers.append(await (await s.post(data=b"{")).text())
     everything = "".join(answers) + logs.text()
     assert UPSTREAM_TOKEN not in everything
+
+
+async def test_a_long_stream_is_never_cut_by_a_total_timeout(stack):
+    # No total timeout, only a per-read one: a stream that runs far longer than read_timeout,
+    # with every gap shorter than it, arrives whole.
+    s = await stack("upstream:\n  read_timeout: 0.5\n", emulator=EmulatorSettings(stream_delay=0.15))
+    started = asyncio.get_running_loop().time()
+    response = await s.complete(max_tokens=12, stream=True)
+    text = (await response.read()).decode()
+    assert asyncio.get_running_loop().time() - started > 1.5
+    assert text.count("data: {") == 12 and text.endswith("data: [DONE]\n\n")
+
+
+async def test_stall_between_events_past_read_timeout_ends_the_stream_with_an_error(stack):
+    s = await stack("upstream:\n  read_timeout: 0.3\n")
+    response = await s.complete(max_tokens=3, stream=True, headers={"X-Emulator-Fault": "stall=1"})
+    text = (await response.read()).decode()
+    assert "upstream_timeout" in text and "[DONE]" not in text
+
+
+async def test_idle_and_slow_header_connections_are_closed(stack):
+    s = await stack("server:\n  keepalive_timeout: 0.5\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.proxy.port)
+    writer.write(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers never finish
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+    writer.close()
