@@ -5,8 +5,9 @@ It is the proxy's test upstream and a feature for users who want to try their to
 (counted one of three ways, see ``ratelimit``), completions with ``usage``, SSE streaming,
 latency, a time scale so a "minute" can pass in a second, and faults on request.
 
-Faults come from the ``X-Emulator-Fault`` request header (the proxy relays it like any other
-header) or from ``EmulatorSettings.fault`` for every request:
+Faults come from ``inject()`` (or ``POST /_emulator/inject?fault=SPEC&count=N``) for the next
+requests, from the ``X-Emulator-Fault`` request header (the proxy relays it like any other
+header), or from ``EmulatorSettings.fault`` for every request:
 
     status=CODE          answer CODE with an error body (e.g. status=503)
     rate-limit[=S]       429 with Retry-After: S (default 1)
@@ -90,6 +91,7 @@ class Emulator:
         self.cancelled = 0  # requests whose client went away before the answer was complete
         self.in_flight = 0
         self._enforcers: dict[str, RateEnforcer] = {}
+        self._injected: deque[str] = deque()  # faults for the next requests, one each
         self._t0 = 0.0
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app[EMULATOR] = self
@@ -99,6 +101,11 @@ class Emulator:
         self.app.router.add_get("/v1/models", self._list_models)
         self.app.router.add_get("/_emulator/stats", self._stats)
         self.app.router.add_post("/_emulator/reset", self._reset)
+        self.app.router.add_post("/_emulator/inject", self._inject)
+
+    def inject(self, fault: str, count: int = 1) -> None:
+        """Give the next ``count`` completion requests ``fault`` (then behave normally)."""
+        self._injected.extend([fault] * count)
 
     # -- time ---------------------------------------------------------------------------
 
@@ -246,6 +253,17 @@ class Emulator:
             }
         )
 
+    async def _inject(self, request: web.Request) -> web.Response:
+        fault = request.query.get("fault", "")
+        try:
+            count = int(request.query.get("count", "1"))
+        except ValueError:
+            count = 0
+        if not fault or count < 1:
+            return _error(400, "use ?fault=SPEC&count=N", "invalid_request_error", None)
+        self.inject(fault, count)
+        return web.json_response({"injected": fault, "count": count})
+
     async def _reset(self, request: web.Request) -> web.Response:
         self.models.clear()
         self._enforcers.clear()
@@ -272,7 +290,7 @@ class Emulator:
         return enforcer
 
     def _fault_for(self, request: web.Request) -> tuple[str, str]:
-        spec = request.headers.get(FAULT_HEADER)
+        spec = self._injected.popleft() if self._injected else request.headers.get(FAULT_HEADER)
         if spec is None and self.settings.fault:
             if random.random() < self.settings.fault_rate:
                 spec = self.settings.fault
