@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.processes import Process, free_port  # noqa: E402
+from tests.processes import Process, free_port
 
 __all__ = ["Process", "free_port", "percentile", "rss_mib", "start_emulator", "start_proxy"]
 
@@ -46,11 +46,15 @@ async def start_emulator(*args: str, token: str = "bench-token") -> tuple[Proces
     return process, url
 
 
-async def start_proxy(upstream: str, config: str = "", token: str = "bench-token") -> tuple[Process, str]:
+async def start_proxy(
+    upstream: str, config: str = "", token: str = "bench-token"
+) -> tuple[Process, str]:
     port = free_port()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
         file.write(f"listen: 127.0.0.1:{port}\nupstream: {{base_url: '{upstream}'}}\n{config}")
-    process = await Process.start(["serve", "--config", file.name], env={"TOKENCHEAP_API_KEY": token})
+    process = await Process.start(
+        ["serve", "--config", file.name], env={"TOKENCHEAP_API_KEY": token}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         await process.wait_healthy(url + "/-/healthy")

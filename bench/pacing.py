@@ -78,19 +78,19 @@ async def report(stack: Stack, session: aiohttp.ClientSession, minutes: float) -
     refused = stats.get("rate_limited", 0)
     if arrivals:
         run_end = arrivals[0] + minutes * 60
-        accepted = stats.get("accepted", 0)
         # Accepted requests within the run: all arrivals in it less the refused ones in it.
         in_run = sum(1 for t in arrivals if t < run_end)
         utilisation = (in_run - min(refused, in_run)) / (stack.rpm * minutes) * 100
         window = max_in_window(arrivals)
         bucket = bucket_violations(arrivals, stack.rpm)
     else:
-        accepted = in_run = window = bucket = 0
+        in_run = window = bucket = 0
         utilisation = 0.0
+    p50, p99 = (percentile(stack.waits_ms, q) / 1000 for q in (50, 99))
     return (
         f"{stack.mode:<8} {stack.rpm:>5} {stack.pacer:<13} {len(arrivals):>8} {refused:>6}"
         f" {window:>6} / {stack.rpm:<5} {bucket:>7} {utilisation:>7.2f}%"
-        f" {percentile(stack.waits_ms, 50) / 1000:>8.2f}s {percentile(stack.waits_ms, 99) / 1000:>7.2f}s"
+        f" {p50:>8.2f}s {p99:>7.2f}s"
     )
 
 
@@ -100,7 +100,10 @@ async def main(minutes: float, rpms: list[int], modes: list[str], workers: int) 
         for rpm in rpms:
             for pacer in ("tcproxy", "AsyncLimiter"):
                 stacks.append(await build(pacer, mode, rpm))
-    print(f"{len(stacks)} stacks, {workers} workers each, {minutes:g} minutes of saturation", flush=True)
+    print(
+        f"{len(stacks)} stacks, {workers} workers each, {minutes:g} minutes of saturation",
+        flush=True,
+    )
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + minutes * 60
     started = time.time()

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.processes import Process, free_port  # noqa: E402
+from tests.processes import Process, free_port
 
 TOKEN = "bench-token"
 
@@ -47,14 +47,26 @@ def summary(name: str, times: list[float]) -> str:
 async def main(requests: int) -> None:
     up, px = free_port(), free_port()
     emulator = await Process.start(
-        ["emulate", "--port", str(up), "--token", TOKEN, "--stream-delay", "0.05", "--rpm", "gpt-4=1000000"]
+        [
+            "emulate",
+            "--port",
+            str(up),
+            "--token",
+            TOKEN,
+            "--stream-delay",
+            "0.05",
+            "--rpm",
+            "gpt-4=1000000",
+        ]
     )
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
         config.write(
             f"listen: 127.0.0.1:{px}\nupstream: {{base_url: 'http://127.0.0.1:{up}'}}\n"
             "limits: {models: {gpt-4: {rpm: 1000000}}}\nlog: {level: warning}\n"
         )
-    proxy = await Process.start(["serve", "--config", config.name], env={"TOKENCHEAP_API_KEY": TOKEN})
+    proxy = await Process.start(
+        ["serve", "--config", config.name], env={"TOKENCHEAP_API_KEY": TOKEN}
+    )
     try:
         await emulator.wait_healthy(f"http://127.0.0.1:{up}/_emulator/stats")
         await proxy.wait_healthy(f"http://127.0.0.1:{px}/-/healthy")

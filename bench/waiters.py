@@ -28,7 +28,9 @@ async def depth(session: aiohttp.ClientSession, url: str) -> int:
     return int(status["models"].get("gpt-4", {}).get("queue_depth", 0))
 
 
-async def healthy_latency(session: aiohttp.ClientSession, url: str, count: int = 200) -> list[float]:
+async def healthy_latency(
+    session: aiohttp.ClientSession, url: str, count: int = 200
+) -> list[float]:
     times = []
     for _ in range(count):
         started = time.perf_counter()
@@ -47,7 +49,10 @@ async def cycle(number: int, url: str, waiters: int, probe: aiohttp.ClientSessio
     connector = aiohttp.TCPConnector(limit=0, local_addr=(f"127.0.0.{number + 2}", 0))
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as clients:
-        tasks = [asyncio.create_task(clients.post(url + "/v1/completions", json=BODY)) for _ in range(waiters)]
+        tasks = [
+            asyncio.create_task(clients.post(url + "/v1/completions", json=BODY))
+            for _ in range(waiters)
+        ]
         started = time.perf_counter()
         while await depth(probe, url) < waiters - 1:
             await asyncio.sleep(0.2)

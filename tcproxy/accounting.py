@@ -27,13 +27,12 @@ class Usage:
     def from_json(cls, value: Any) -> Usage | None:
         if not isinstance(value, dict):
             return None
-        counts = [value.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts[:2]):
+        prompt = _count(value.get("prompt_tokens"))
+        completion = _count(value.get("completion_tokens"))
+        if prompt is None or completion is None:
             return None
-        prompt, completion, total = counts
-        if not isinstance(total, int) or isinstance(total, bool):
-            total = prompt + completion
-        return cls(prompt, completion, total)
+        total = _count(value.get("total_tokens"))
+        return cls(prompt, completion, prompt + completion if total is None else total)
 
     def as_fields(self) -> dict[str, int]:
         return {
@@ -43,10 +42,16 @@ class Usage:
         }
 
 
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 class UsageSniffer:
     """Fed every relayed chunk; ``usage()`` at the end (or after a cut) gives what was reported."""
 
-    __slots__ = ("_buffer", "_inflate", "_sse", "_size", "_spoiled")
+    __slots__ = ("_buffer", "_inflate", "_size", "_spoiled", "_sse")
 
     def __init__(self, content_type: str, content_encoding: str) -> None:
         self._sse = content_type.startswith("text/event-stream")

@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         " wrong token, 402 when a balance is spent, 429 past a model's rpm, and faults on"
         " request (header X-Emulator-Fault, e.g. 'status=503', 'hang', 'reset-mid-stream=3').",
     )
-    emulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    emulate.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
     emulate.add_argument("--port", type=int, default=8788, help="port (default: %(default)s)")
     emulate.add_argument("--token", help="the only token accepted (default: any non-empty one)")
     emulate.add_argument(
@@ -102,12 +104,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODEL=N",
         help="a model's requests per minute (repeatable; default: the documented limits)",
     )
-    emulate.add_argument("--time-scale", type=float, default=1.0, help="emulated seconds per real second")
-    emulate.add_argument("--balance", type=int, help="tokens before answering 402 (default: unlimited)")
+    emulate.add_argument(
+        "--time-scale", type=float, default=1.0, help="emulated seconds per real second"
+    )
+    emulate.add_argument(
+        "--balance", type=int, help="tokens before answering 402 (default: unlimited)"
+    )
     emulate.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
-    emulate.add_argument("--stream-delay", type=float, default=0.0, help="seconds between SSE events")
+    emulate.add_argument(
+        "--stream-delay", type=float, default=0.0, help="seconds between SSE events"
+    )
     emulate.add_argument("--fault", help="a fault for every request, e.g. 'status=503'")
-    emulate.add_argument("--fault-rate", type=float, default=1.0, help="share of requests given --fault")
+    emulate.add_argument(
+        "--fault-rate", type=float, default=1.0, help="share of requests given --fault"
+    )
     emulate.set_defaults(run=_emulate)
 
     check = commands.add_parser(
@@ -129,42 +139,47 @@ def _load(path: str | None, listen: str | None = None) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tcproxy.service import StartupError, emulator_token, serve
+    from tcproxy.service import Service, Source, StartupError, emulator_token
 
-    try:
+    def read_config() -> Config:
         config = _load(args.config, args.listen)
+        # Flags win over the file, on start and on every reload.
+        log = dataclasses.replace(
+            config.log,
+            level=args.log_level or config.log.level,
+            format=args.log_format or config.log.format,
+        )
+        return dataclasses.replace(config, log=log)
+
+    emulator = None
+    source = Source(read_config)
+    if args.emulator:
+        source.token = Secret(emulator_token())
+        emulator = EmulatorSettings(token=source.token.reveal())
+    try:
+        config, token, warnings = source.read()
     except ConfigInvalid as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    emulator = None
-    if args.emulator:
-        token = Secret(emulator_token())
-        emulator = EmulatorSettings(token=token.reveal())
-        warnings: list[str] = []
-    else:
-        try:
-            resolved = resolve_token(config.upstream)
-        except TokenError as exc:
-            print(f"tcproxy: {exc}", file=sys.stderr)
-            return 2
-        token, warnings = resolved.secret, resolved.warnings
-    log_control = configure_logging(
-        args.log_level or config.log.level, args.log_format or config.log.format
-    )
+    except TokenError as exc:
+        print(f"tcproxy: {exc}", file=sys.stderr)
+        return 2
+    log_control = configure_logging(config.log.level, config.log.format)
     log_control.add_secret(token.reveal())
     log = structlog.get_logger("tcproxy")
     for warning in warnings:
         log.warning(warning)
+    service = Service(source, log_control, emulator=emulator)
     try:
-        asyncio.run(serve(config, token, emulator=emulator))
+        asyncio.run(service.run(config, token))
     except StartupError as exc:
         log.error(str(exc))
-        log_control.flush()
+        log_control.close()
         print(f"tcproxy: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
-    log_control.flush()
+    log_control.close()
     return 0
 
 
@@ -175,7 +190,9 @@ def _emulate(args: argparse.Namespace) -> int:
     for item in args.rpm:
         model, _, value = item.partition("=")
         if not model or not value.isdigit() or int(value) < 1:
-            print(f"tcproxy emulate: --rpm takes MODEL=N with N >= 1, got {item!r}", file=sys.stderr)
+            print(
+                f"tcproxy emulate: --rpm takes MODEL=N with N >= 1, got {item!r}", file=sys.stderr
+            )
             return 2
         rpm[model] = int(value)
     if args.time_scale <= 0:

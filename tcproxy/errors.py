@@ -17,7 +17,7 @@ user can tell them from answers that came from the upstream.
     │   ├── PayloadTooLarge     413  body_too_large
     │   └── TooManyRequests     429  queue_full, queue_timeout (carries Retry-After)
     └── UpstreamError                the upstream, or tcproxy's way to it, failed
-        ├── BadGateway          502  upstream_unreachable, upstream_auth_failed, upstream_redirect, ...
+        ├── BadGateway          502  upstream_unreachable, upstream_auth_failed, upstream_reset...
         ├── ServiceUnavailable  503  shutting_down, circuit_open
         └── GatewayTimeout      504  upstream_timeout
 
@@ -134,7 +134,7 @@ _BY_STATUS: dict[int, type[ProxyError]] = {
 
 
 def for_status(status: int, code: str, message: str) -> ProxyError:
-    """The error of our tree for an HTTP status that aiohttp raised on its own (404, 405, 413...)."""
+    """Our error for an HTTP status aiohttp raised on its own (404, 405, 413...)."""
     cls = _BY_STATUS.get(status)
     if cls is None:
         cls = ClientError if 400 <= status < 500 else ProxyError

@@ -34,7 +34,12 @@ def upstream_target(request: web.Request) -> str:
         raise BadRequest("bad_path", f"the path {path!r} must start with /v1/ as sent")
     for segment in path.split("/")[2:]:
         decoded = unquote(segment)
-        if decoded in ("", ".", "..") or "/" in decoded or "\\" in decoded or not decoded.isprintable():
+        if (
+            decoded in ("", ".", "..")
+            or "/" in decoded
+            or "\\" in decoded
+            or not decoded.isprintable()
+        ):
             raise BadRequest(
                 "bad_path",
                 f"the path {path!r} has an empty, '.' or '..' segment or an encoded slash;"
@@ -82,7 +87,8 @@ def find_model(method: str, body: bytes) -> tuple[str | None, bool]:
     if not body.strip():
         raise BadRequest(
             "invalid_body",
-            'the request body is empty; send a JSON object such as {"model": "gpt-4", "prompt": "Hello"}',
+            "the request body is empty; send a JSON object such as"
+            ' {"model": "gpt-4", "prompt": "Hello"}',
         )
     try:
         document: Any = json.loads(body)
@@ -91,7 +97,8 @@ def find_model(method: str, body: bytes) -> tuple[str | None, bool]:
     except json.JSONDecodeError as exc:
         raise BadRequest(
             "invalid_json",
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            f"the request body is not valid JSON: {exc.msg}"
+            f" at line {exc.lineno} column {exc.colno}",
         ) from None
     except RecursionError:
         raise BadRequest("invalid_json", "the request body's JSON is nested too deeply") from None

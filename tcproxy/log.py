@@ -39,6 +39,7 @@ class LineSink:
         self._queue: queue.Queue[str | None] = queue.Queue(maxsize=max_pending)
         self.dropped = 0  # lines refused because the queue was full (the stream is stuck)
         self.failed = 0  # lines whose write raised (disk full, closed pipe)
+        self.lost = 0  # both, since start
         self._thread = threading.Thread(target=self._run, name="tcproxy-log", daemon=True)
         self._thread.start()
 
@@ -47,12 +48,17 @@ class LineSink:
             self._queue.put_nowait(line)
         except queue.Full:
             self.dropped += 1
+            self.lost += 1
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued line was written (or failed). False if that took too long."""
         done = threading.Event()
-        waiter = threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True)
-        waiter.start()
+
+        def wait_for_writer() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait_for_writer, daemon=True).start()
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -86,6 +92,7 @@ class LineSink:
                 self._stream.flush()
             except (OSError, ValueError):
                 self.failed += len(lines)
+                self.lost += len(lines)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -146,7 +153,9 @@ class SecretMask:
         return line
 
 
-def _event_first(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+def _event_first(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> dict[str, Any]:
     """Put the fields a reader scans for first in a JSON line."""
     head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
     head.update(event_dict)

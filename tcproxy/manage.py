@@ -1,4 +1,4 @@
-"""Management endpoints: /-/healthy, /-/ready, /-/status.
+"""Management endpoints: /-/healthy, /-/ready, /-/status, /metrics.
 
 Answers come from the state the running parts already keep; nothing here changes anything.
 """
@@ -10,6 +10,7 @@ import time
 from aiohttp import web
 
 from tcproxy import __version__
+from tcproxy.metrics import CONTENT_TYPE_LATEST, METRICS
 from tcproxy.state import STATE
 
 
@@ -19,17 +20,20 @@ async def healthy(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready to take traffic: listening, token loaded, not draining, upstream not known broken."""
+    """Ready for traffic: listening, not draining, the upstream reachable when last tried."""
     state = request.app[STATE]
     problems = []
     if state.draining:
         problems.append("shutting down")
     if state.upstream is None:
-        problems.append("upstream session not open")
+        problems.append("the upstream session is not open")
+    elif state.upstream.reachable is False:
+        problems.append("the upstream could not be reached on the last attempt")
     if "upstream_auth_failed" in state.alarms.active():
         problems.append("the upstream refuses the stored token")
-    status = 503 if problems else 200
-    return web.json_response({"ready": not problems, "problems": problems}, status=status)
+    return web.json_response(
+        {"ready": not problems, "problems": problems}, status=503 if problems else 200
+    )
 
 
 async def status(request: web.Request) -> web.Response:
@@ -41,8 +45,11 @@ async def status(request: web.Request) -> web.Response:
             "uptime_s": round(time.time() - state.started_at, 1),
             "listen": str(config.listen),
             "upstream": config.upstream.base_url,
-            "draining": state.draining,
-            "alarms": state.alarms.active(),
-            "models": state.limiter.snapshot(),
+            **state.snapshot(),
         }
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from tcproxy import headers as hdrs
 from tcproxy.accounting import UsageSniffer
-from tcproxy.errors import ServiceUnavailable
+from tcproxy.errors import BadGateway, ServiceUnavailable
 from tcproxy.incoming import find_model, read_body, upstream_target
 from tcproxy.record import RECORD, RequestRecord
 from tcproxy.state import STATE, State
@@ -63,12 +63,10 @@ async def _send(
     headers: CIMultiDict[str],
     body: bytes,
 ) -> aiohttp.ClientResponse:
-    upstream = state.upstream
-    assert upstream is not None, "the upstream session is opened at start-up"
     loop = asyncio.get_running_loop()
     if record.model is None:  # no model, no documented limit: straight through
         started = loop.time()
-        response = await upstream.send(request.method, target, headers, body)
+        response = await _upstream_answer(state, request.method, target, headers, body)
         record.upstream_s = loop.time() - started
         return response
     limits = state.config.limits
@@ -81,10 +79,9 @@ async def _send(
         finally:
             record.queue_s += loop.time() - waited_from
         started = loop.time()
-        response = await upstream.send(request.method, target, headers, body)
+        response = await _upstream_answer(state, request.method, target, headers, body)
         record.upstream_s = loop.time() - started
         record.upstream_status = response.status
-        _note_balance(state, response.status, record.model)
         if response.status != 429:
             return response
         pause = _retry_after(response.headers.get("Retry-After"), state.time_scale)
@@ -105,16 +102,32 @@ async def _send(
         record.retries += 1
 
 
-def _note_balance(state: State, status: int, model: str) -> None:
-    if status == 402:
+async def _upstream_answer(
+    state: State, method: str, target: str, headers: CIMultiDict[str], body: bytes
+) -> aiohttp.ClientResponse:
+    """Send upstream, and keep the alarms for lasting conditions (token refused, balance spent)."""
+    upstream = state.upstream
+    assert upstream is not None, "the upstream session is opened at start-up"
+    try:
+        response = await upstream.send(method, target, headers, body)
+    except BadGateway as error:
+        if error.code == "upstream_auth_failed":
+            state.alarms.begin(
+                "upstream_auth_failed",
+                "the upstream refuses the stored token (401); every request fails until the token"
+                " on this host is fixed and tcproxy reloaded",
+            )
+        raise
+    if response.status == 402:
         state.alarms.begin(
             "balance_spent",
             "the upstream answers 402: the TokenCheap balance is spent; requests fail until it"
             " is topped up",
-            model=model,
         )
-    elif status < 400:
+    elif response.status < 400:
         state.alarms.end("balance_spent", "the upstream accepts requests again (balance restored)")
+        state.alarms.end("upstream_auth_failed", "the upstream accepts the stored token again")
+    return response
 
 
 def _retry_after(value: str | None, time_scale: float) -> float | None:
@@ -136,7 +149,7 @@ def _retry_after(value: str | None, time_scale: float) -> float | None:
 
 def _backoff(attempt: int) -> float:
     """Exponential backoff with jitter, in upstream seconds."""
-    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)
+    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0**attempt)
     return ceiling * random.uniform(0.5, 1.0)
 
 
@@ -161,7 +174,9 @@ async def _relay(
                 chunk = await content.readany()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
                 # The upstream broke off (reset, timeout) after its headers were relayed.
-                record.error = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_reset"
+                record.error = (
+                    "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_reset"
+                )
                 break
             if not chunk:
                 break

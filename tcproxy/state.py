@@ -1,8 +1,9 @@
 """What one running proxy holds: its current config and its long-lived parts.
 
 The application object owns one ``State`` (under ``STATE``). Parts that need the running loop
-(the upstream session) are filled in by the app's cleanup contexts; a reload swaps ``config``
-and tells the parts that follow it.
+(the upstream session) are filled in by the app's cleanup contexts. ``apply`` is the one place a
+reloaded config reaches the running parts; ``snapshot`` the one place their state is read for
+``/-/status`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -32,9 +34,30 @@ class State:
     draining: bool = False
     # Called with every finished request's record (metrics, the usage ledger).
     observers: list[Callable[[RequestRecord], None]] = field(default_factory=list)
+    # How many log lines could not be written (the log sink is outside the app).
+    log_lines_lost: Callable[[], int] = lambda: 0
 
     def authorization(self) -> str:
         return "Bearer " + self.token.reveal()
+
+    def apply(self, config: Config, token: Secret) -> None:
+        """Follow a reloaded config. Requests queued or in flight carry on untouched."""
+        self.config = config
+        self.token = token
+        self.limiter.update(config.limits)
+        if self.upstream is not None:
+            self.upstream.configure(config.upstream)
+
+    def snapshot(self) -> dict[str, Any]:
+        upstream = self.upstream
+        return {
+            "draining": self.draining,
+            "log_lines_lost": self.log_lines_lost(),
+            "upstream_reachable": None if upstream is None else upstream.reachable,
+            "upstream_failures": {} if upstream is None else dict(upstream.failures),
+            "alarms": self.alarms.active(),
+            "models": self.limiter.snapshot(),
+        }
 
 
 STATE = web.AppKey("tcproxy_state", State)

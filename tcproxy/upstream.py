@@ -18,26 +18,21 @@ This module knows the token only as the header value it is handed; it knows noth
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
 from tcproxy.config.model import UpstreamConfig
-from tcproxy.errors import BadGateway, GatewayTimeout
+from tcproxy.errors import BadGateway, GatewayTimeout, ProxyError
 
 
-def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+def make_session() -> aiohttp.ClientSession:
+    """The session. Timeouts and the base URL come with each request, so reloads can change them."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60)
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=None,
-        sock_connect=config.connect_timeout,
-        sock_read=config.read_timeout,
-    )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=timeout,
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
@@ -46,17 +41,40 @@ def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
     )
 
 
+def _timeout(config: UpstreamConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+    )
+
+
 class Upstream:
     """Sends one request upstream and maps every way that can fail to a tcproxy error."""
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
-        self.config = config
         self._session = session
+        self.failures: Counter[str] = Counter()  # by error code, for /-/status and /metrics
+        self.reachable: bool | None = None  # None: not tried yet
+        self.configure(config)
+
+    def configure(self, config: UpstreamConfig) -> None:
+        """Use a reloaded config for the requests that follow."""
+        self.config = config
+        self._timeout = _timeout(config)
 
     async def send(
         self, method: str, target: str, headers: CIMultiDict[str], body: bytes
     ) -> aiohttp.ClientResponse:
         """The upstream's response with headers read and the body still to come."""
+        try:
+            response = await self._answer(method, target, headers, body)
+        except ProxyError as error:
+            self.failures[error.code] += 1
+            raise
+        return response
+
+    async def _answer(
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
+    ) -> aiohttp.ClientResponse:
         url = self.config.base_url + target
         try:
             response = await self._session.request(
@@ -65,6 +83,7 @@ class Upstream:
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
+                timeout=self._timeout,
             )
         except aiohttp.ServerTimeoutError:
             raise GatewayTimeout(
@@ -73,12 +92,14 @@ class Upstream:
                 " (upstream.read_timeout); the request was sent and is not retried",
             ) from None
         except aiohttp.ClientConnectorError as exc:
+            self.reachable = False
             raise BadGateway(
                 "upstream_unreachable",
                 f"cannot connect to the upstream at {_origin(self.config.base_url)}"
                 f" ({exc.strerror or type(exc).__name__}); check upstream.base_url and the network",
             ) from None
         except TimeoutError:
+            self.reachable = False
             raise GatewayTimeout(
                 "upstream_timeout",
                 f"connecting to the upstream took longer than {self.config.connect_timeout:g}s"
@@ -98,6 +119,7 @@ class Upstream:
             raise BadGateway(
                 "upstream_error", f"the request to the upstream failed ({type(exc).__name__})"
             ) from None
+        self.reachable = True
         if 300 <= response.status < 400:
             response.release()
             raise BadGateway(

@@ -28,8 +28,10 @@ class Process:
 
     @classmethod
     async def start(cls, args: Sequence[str], env: Mapping[str, str] | None = None) -> Process:
-        full_env = {**os.environ, **(env or {})}
-        full_env.pop("JOURNAL_STREAM", None)
+        inherited = {
+            k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")
+        }
+        full_env = {**inherited, **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tcproxy", *args,
             stdout=asyncio.subprocess.PIPE,
@@ -44,7 +46,9 @@ class Process:
             while True:
                 if self.proc.returncode is not None:
                     await self.finish()
-                    raise AssertionError(f"exited early: {self.stderr.decode()} {self.stdout.decode()}")
+                    raise AssertionError(
+                        f"exited early: {self.stderr.decode()} {self.stdout.decode()}"
+                    )
                 try:
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as response:
                         if response.status < 500:
@@ -76,7 +80,9 @@ class Process:
         return (self.stdout + self.stderr).decode(errors="replace")
 
 
-async def run(args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 30.0) -> tuple[int, str, str]:
+async def run(
+    args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 30.0
+) -> tuple[int, str, str]:
     process = await Process.start(args, env)
     code = await process.finish(timeout)
     return code, process.stdout.decode(), process.stderr.decode()

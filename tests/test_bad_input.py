@@ -76,7 +76,9 @@ async def test_compressed_body_is_inflated_then_bounded(stack):
     response = await s.post(data=bomb, headers={"Content-Encoding": "gzip"})
     await expect_error(response, 413, "body_too_large")
     small = gzip.compress(json.dumps({"model": "gpt-4", "prompt": "hi"}).encode())
-    response = await s.post(data=small, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    response = await s.post(
+        data=small, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
     assert response.status == 200
     assert "Content-Encoding" not in s.emulator.seen[-1]  # the upstream got the plain body
 
@@ -95,9 +97,7 @@ async def test_unknown_paths_are_404(stack, path):
 )
 async def test_path_tricks_are_refused(stack, target):
     s = await stack()
-    status, headers, body = await raw_request(
-        s.proxy.port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"
-    )
+    status, _, body = await raw_request(s.proxy.port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status in (400, 404)
     assert json.loads(body)["error"]["code"] in ("bad_path", "unknown_path")
     assert s.emulator.requests == 0
@@ -149,7 +149,7 @@ async def test_trickled_body_gets_408(stack):
     await writer.drain()
     from tests.rawhttp import read_response
 
-    status, headers, body = await asyncio.wait_for(read_response(reader), 5)
+    status, _, body = await asyncio.wait_for(read_response(reader), 5)
     writer.close()
     assert status == 408
     assert json.loads(body)["error"]["code"] == "body_timeout"
@@ -158,8 +158,8 @@ async def test_trickled_body_gets_408(stack):
 
 async def test_client_closing_mid_request_is_logged_and_harmless(stack, logs):
     s = await stack()
-    reader, writer = await asyncio.open_connection("127.0.0.1", s.proxy.port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"mo")
+    _, writer = await asyncio.open_connection("127.0.0.1", s.proxy.port)
+    writer.write(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{"mo')
     await writer.drain()
     await asyncio.sleep(0.1)
     writer.close()
@@ -231,7 +231,9 @@ async def test_no_token_in_any_error_answer(stack, logs):
 async def test_a_long_stream_is_never_cut_by_a_total_timeout(stack):
     # No total timeout, only a per-read one: a stream that runs far longer than read_timeout,
     # with every gap shorter than it, arrives whole.
-    s = await stack("upstream:\n  read_timeout: 0.5\n", emulator=EmulatorSettings(stream_delay=0.15))
+    s = await stack(
+        "upstream:\n  read_timeout: 0.5\n", emulator=EmulatorSettings(stream_delay=0.15)
+    )
     started = asyncio.get_running_loop().time()
     response = await s.complete(max_tokens=12, stream=True)
     text = (await response.read()).decode()

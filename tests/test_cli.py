@@ -29,7 +29,9 @@ async def test_version_and_help():
 
 
 async def test_check_config_accepts_the_example():
-    code, out, _ = await run(["check-config", str(ROOT / "config.example.yaml")], env={"TOKENCHEAP_API_KEY": TOKEN})
+    code, out, _ = await run(
+        ["check-config", str(ROOT / "config.example.yaml")], env={"TOKENCHEAP_API_KEY": TOKEN}
+    )
     assert code == 0
     assert "OK" in out and "gpt-4 500 rpm" in out and "token     found" in out
     assert TOKEN not in out
@@ -38,7 +40,7 @@ async def test_check_config_accepts_the_example():
 async def test_check_config_lists_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("listen: nowhere\nlimits:\n  models:\n    gpt-4: {rpm: 0}\n  max_queue: many\n")
-    code, out, err = await run(["check-config", str(bad)])
+    code, _, err = await run(["check-config", str(bad)])
     assert code == 2
     assert f"{bad}: line 1: listen:" in err
     assert f"{bad}: line 4: limits.models.gpt-4.rpm:" in err
@@ -47,7 +49,9 @@ async def test_check_config_lists_every_problem(tmp_path):
 
 
 async def test_serve_without_a_token_says_how_to_fix_it():
-    code, _, err = await run(["serve", "--listen", f"127.0.0.1:{free_port()}"], env={"TOKENCHEAP_API_KEY": ""})
+    code, _, err = await run(
+        ["serve", "--listen", f"127.0.0.1:{free_port()}"], env={"TOKENCHEAP_API_KEY": ""}
+    )
     assert code == 2
     assert "TOKENCHEAP_API_KEY" in err
 
@@ -59,7 +63,7 @@ async def test_serve_on_a_port_in_use_fails_clearly():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, out, err = await run(["serve", "--emulator", "--listen", f"127.0.0.1:{port}"])
+        code, _, err = await run(["serve", "--emulator", "--listen", f"127.0.0.1:{port}"])
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err
 
@@ -95,14 +99,23 @@ async def test_real_config_and_emulate_command_never_print_the_token(tmp_path):
         f"listen: 127.0.0.1:{proxy_port}\nupstream:\n  base_url: http://127.0.0.1:{upstream_port}\n"
         "log:\n  level: debug\n"
     )
-    proxy = await Process.start(["serve", "--config", str(config)], env={"TOKENCHEAP_API_KEY": TOKEN})
+    proxy = await Process.start(
+        ["serve", "--config", str(config)], env={"TOKENCHEAP_API_KEY": TOKEN}
+    )
     answers = []
     try:
         await emulator.wait_healthy(f"http://127.0.0.1:{upstream_port}/_emulator/stats")
         await proxy.wait_healthy(f"http://127.0.0.1:{proxy_port}/-/healthy")
         async with aiohttp.ClientSession() as session:
             base = f"http://127.0.0.1:{proxy_port}"
-            for fault in ("", "unauthorized", "redirect", "status=502", "close", "reset-mid-stream=1"):
+            for fault in (
+                "",
+                "unauthorized",
+                "redirect",
+                "status=502",
+                "close",
+                "reset-mid-stream=1",
+            ):
                 response = await session.post(
                     f"{base}/v1/completions",
                     headers={"X-Emulator-Fault": fault} if fault else {},
@@ -127,6 +140,8 @@ async def test_real_config_and_emulate_command_never_print_the_token(tmp_path):
 
 @pytest.mark.parametrize("env", [{"AIOHTTP_NO_EXTENSIONS": "1"}])
 async def test_refuses_the_pure_python_http_parser(env):
-    code, out, err = await run(["serve", "--emulator", "--listen", f"127.0.0.1:{free_port()}"], env=env)
+    code, _, err = await run(
+        ["serve", "--emulator", "--listen", f"127.0.0.1:{free_port()}"], env=env
+    )
     assert code == 1
     assert "C HTTP parser" in err

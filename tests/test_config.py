@@ -33,7 +33,8 @@ def test_empty_file_means_all_defaults():
 
 def test_values_are_typed_and_immutable():
     config = parse_config(
-        "limits:\n  models:\n    gpt-4: 100\n    x: {rpm: 5, burst: 2}\nserver:\n  max_body_size: 1MiB\n"
+        "limits:\n  models:\n    gpt-4: 100\n    x: {rpm: 5, burst: 2}\n"
+        "server:\n  max_body_size: 1MiB\n"
     )
     assert config.limits.for_model("gpt-4").rpm == 100
     assert config.limits.for_model("x").burst == 2
@@ -123,8 +124,12 @@ _yaml_scalars = st.one_of(
 )
 _yaml_values = st.recursive(
     _yaml_scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(["rpm", "burst", "models", "gpt-4", "x", "level"]), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["rpm", "burst", "models", "gpt-4", "x", "level"]), inner, max_size=3
+        )
+    ),
     max_leaves=10,
 )
 _sections = st.dictionaries(

@@ -77,9 +77,7 @@ async def test_documented_javascript_fetch_example(stack):
 
 async def test_fetch_equivalent_with_aiohttp(stack):
     s = await stack()
-    response = await s.post(
-        json=DOC_BODY, headers={"Authorization": "Bearer your-token-here"}
-    )
+    response = await s.post(json=DOC_BODY, headers={"Authorization": "Bearer your-token-here"})
     assert response.ok
     assert (await response.json())["usage"]["prompt_tokens"] == 2
 

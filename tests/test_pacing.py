@@ -18,8 +18,8 @@ SCALE = 30  # emulated seconds per real second
 RPM = 120
 
 
-def paced(rpm: int = RPM, extra: str = "") -> str:
-    return f"limits:\n  models:\n    gpt-4: {{rpm: {rpm}{extra}}}\n  safety_margin: 0.01\n"
+def paced(rpm: int = RPM, extra: str = "", margin: float = 0.01) -> str:
+    return f"limits:\n  models:\n    gpt-4: {{rpm: {rpm}{extra}}}\n  safety_margin: {margin}\n"
 
 
 async def saturate(s, minutes: float, workers: int = 40) -> list[int]:
@@ -57,7 +57,9 @@ async def test_saturation_gets_no_429_and_uses_99_percent(stack, mode):
 
 
 async def test_first_minute_and_after_idle_never_exceed_rpm(stack):
-    s = await stack(paced(), emulator=EmulatorSettings(enforce="sliding", rpm={"gpt-4": RPM}), time_scale=SCALE)
+    s = await stack(
+        paced(), emulator=EmulatorSettings(enforce="sliding", rpm={"gpt-4": RPM}), time_scale=SCALE
+    )
     await saturate(s, 0.5)
     await asyncio.sleep(70 / SCALE)  # idle past a full window
     await saturate(s, 1.5)
@@ -67,8 +69,10 @@ async def test_first_minute_and_after_idle_never_exceed_rpm(stack):
 
 
 async def test_a_larger_burst_goes_at_once_but_still_keeps_the_minute(stack):
+    # Thirty requests released at once reach this in-process upstream over ~30 ms of real time
+    # (most of an emulated second): the margin has to cover that spread.
     s = await stack(
-        paced(extra=", burst: 30"),
+        paced(extra=", burst: 30", margin=0.06),
         emulator=EmulatorSettings(enforce="sliding", rpm={"gpt-4": RPM}),
         time_scale=SCALE,
     )

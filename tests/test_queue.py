@@ -126,7 +126,9 @@ async def test_slot_granted_to_a_waiter_that_just_left_passes_to_the_next():
 
 async def test_disconnect_while_queued_never_reaches_upstream(stack, logs):
     # gpt-4 at 2 rpm with a minute of one second: one release every half second.
-    s = await stack("limits:\n  models:\n    gpt-4: {rpm: 2}\n  safety_margin: 0.01\n", time_scale=60)
+    s = await stack(
+        "limits:\n  models:\n    gpt-4: {rpm: 2}\n  safety_margin: 0.01\n", time_scale=60
+    )
     first = await s.complete()
     assert first.status == 200
     waiting = asyncio.create_task(s.complete(prompt="never sent"))

@@ -13,7 +13,8 @@ TOKEN = "tc-live-abcdef0123456789"
 
 def test_secret_never_prints():
     secret = Secret(TOKEN)
-    for text in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % (secret,)):
+    texts = (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % (secret,))  # noqa: UP031
+    for text in texts:
         assert TOKEN not in text
     assert TOKEN not in repr({"token": secret, "nested": [secret]})
     with pytest.raises(TypeError):
@@ -37,7 +38,8 @@ def test_token_file_wins_and_trailing_crlf_is_dropped(tmp_path):
     path.write_bytes(TOKEN.encode() + b"\r\n")
     path.chmod(0o600)
     resolved = resolve_token(
-        UpstreamConfig(token_file=str(path)), {"TOKENCHEAP_API_KEY": "other", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+        UpstreamConfig(token_file=str(path)),
+        {"TOKENCHEAP_API_KEY": "other", "CREDENTIALS_DIRECTORY": str(tmp_path)},
     )
     assert resolved.secret.reveal() == TOKEN
     assert resolved.warnings == []

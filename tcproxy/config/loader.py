@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from tcproxy.config.model import (
-    MiB,
     Config,
     LimitsConfig,
     ListenConfig,
     LogConfig,
+    MiB,
     ModelLimit,
     ServerConfig,
     UpstreamConfig,
@@ -67,7 +67,9 @@ def load_config(path: str | Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigInvalid(str(path), [ConfigProblem("", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigInvalid(
+            str(path), [ConfigProblem("", f"cannot read: {exc.strerror}")]
+        ) from None
     except UnicodeDecodeError:
         raise ConfigInvalid(str(path), [ConfigProblem("", "is not UTF-8 text")]) from None
     return parse_config(text, source=str(path))
@@ -404,7 +406,9 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 def _env_name(value: Any) -> str:
     name = _text(value)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise _Invalid(f"must be an environment variable name like TOKENCHEAP_API_KEY, got {name!r}")
+        raise _Invalid(
+            f"must be an environment variable name like TOKENCHEAP_API_KEY, got {name!r}"
+        )
     return name
 
 
@@ -424,7 +428,9 @@ def _base_url(value: Any) -> str:
 
 def _listen(value: Any) -> ListenConfig:
     text = _text(value).strip()
-    match = re.fullmatch(r"(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]+)):(?P<port>\d{1,5})", text)
+    match = re.fullmatch(
+        r"(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\s]+)):(?P<port>\d{1,5})", text
+    )
     if not match:
         raise _Invalid(f"must be HOST:PORT, like 127.0.0.1:8787 or [::1]:8787; got {text!r}")
     port = int(match["port"])

@@ -75,7 +75,9 @@ def resolve_token(upstream: UpstreamConfig, env: Mapping[str, str] | None = None
             return _from_file(path, "systemd credential")
         looked.append(f"systemd credential {path} (absent)")
     else:
-        looked.append("systemd credential $CREDENTIALS_DIRECTORY/tokencheap (not running under one)")
+        looked.append(
+            "systemd credential $CREDENTIALS_DIRECTORY/tokencheap (not running under one)"
+        )
     value = env.get(upstream.token_env)
     if value is not None:
         where = f"environment variable {upstream.token_env}"

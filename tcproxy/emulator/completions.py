@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 _WORDS = (
-    "the quick brown fox jumps over a lazy dog while cheap tokens stream past every idle "
-    "proxy that paces its requests politely and never hears a single refusal from upstream"
-).split()
+    "the quick brown fox jumps over a lazy dog while cheap tokens stream past every idle proxy"
+    " that paces its requests politely and never hears a single refusal from upstream"
+).split(" ")
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -145,5 +145,7 @@ def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

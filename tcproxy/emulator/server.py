@@ -55,8 +55,8 @@ FAULT_HEADER = "X-Emulator-Fault"
 class EmulatorSettings:
     """How the emulated upstream behaves.
 
-        >>> EmulatorSettings(token="sk-test", enforce="bucket", time_scale=60).time_scale
-        60
+    >>> EmulatorSettings(token="sk-test", enforce="bucket", time_scale=60).time_scale
+    60
     """
 
     token: str | None = None  # None: any non-empty bearer token is accepted
@@ -140,20 +140,34 @@ class Emulator:
         fault_name, fault_arg = self._fault_for(request)
         if not self._authorized(request) or fault_name == "unauthorized":
             self.unauthorized += 1
-            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return _error(
+                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+            )
         try:
             body = json.loads(await request.read())
         except ValueError:
-            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+            return _error(
+                400,
+                "We could not parse the JSON body of your request.",
+                "invalid_request_error",
+                None,
+            )
         try:
             completion = CompletionRequest.parse(kind, body)
         except InvalidRequest as exc:
             return _error(400, str(exc), "invalid_request_error", None, exc.param)
         enforcer = self._enforcer(completion.model)
         if enforcer is None:
-            return _error(404, f"The model '{completion.model}' does not exist.", "invalid_request_error", "model_not_found")
+            return _error(
+                404,
+                f"The model '{completion.model}' does not exist.",
+                "invalid_request_error",
+                "model_not_found",
+            )
         if fault_name == "payment" or (self.balance is not None and self.balance <= 0):
-            return _error(402, "Insufficient token balance.", "insufficient_quota", "insufficient_balance")
+            return _error(
+                402, "Insufficient token balance.", "insufficient_quota", "insufficient_balance"
+            )
         stats = self.models.setdefault(completion.model, ModelStats())
         now = self.now()
         stats.arrivals.append(now)
@@ -183,9 +197,13 @@ class Emulator:
         if fault == "slow-headers":
             await asyncio.sleep(float(arg or 5))
         if fault == "garbage":
-            return web.Response(status=200, body=b"<html>not json at all", content_type="application/json")
+            return web.Response(
+                status=200, body=b"<html>not json at all", content_type="application/json"
+            )
         if fault == "redirect":
-            return web.Response(status=307, headers={"Location": "http://127.0.0.1:9/v1/completions"})
+            return web.Response(
+                status=307, headers={"Location": "http://127.0.0.1:9/v1/completions"}
+            )
         if fault in ("huge", "endless"):
             return await _big_body(request, int(arg or 0) if fault == "huge" else None)
         if completion.stream:
@@ -226,7 +244,9 @@ class Emulator:
 
     async def _list_models(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
-            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return _error(
+                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+            )
         data = [{"id": m, "object": "model", "owned_by": "tokencheap"} for m in self.settings.rpm]
         return web.json_response({"object": "list", "data": data})
 
@@ -291,9 +311,8 @@ class Emulator:
 
     def _fault_for(self, request: web.Request) -> tuple[str, str]:
         spec = self._injected.popleft() if self._injected else request.headers.get(FAULT_HEADER)
-        if spec is None and self.settings.fault:
-            if random.random() < self.settings.fault_rate:
-                spec = self.settings.fault
+        if spec is None and self.settings.fault and random.random() < self.settings.fault_rate:
+            spec = self.settings.fault
         if not spec:
             return "", ""
         name, _, arg = spec.strip().partition("=")
@@ -313,7 +332,9 @@ def _rate_limited(wait: float, fault: str, arg: str) -> web.Response:
     elif fault != "rate-limit-bare":
         seconds = float(arg) if fault == "rate-limit" and arg else wait
         headers["Retry-After"] = str(max(1, math.ceil(seconds)))
-    body = error_body("Rate limit reached for requests per minute.", "requests", "rate_limit_exceeded")
+    body = error_body(
+        "Rate limit reached for requests per minute.", "requests", "rate_limit_exceeded"
+    )
     return web.json_response(body, status=429, headers=headers)
 
 

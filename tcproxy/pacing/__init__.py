@@ -61,10 +61,19 @@ class Limiter:
 
     def _forget_idle(self) -> None:
         now = asyncio.get_running_loop().time()
-        for model in [m for m, q in self._queues.items() if q.depth == 0 and m not in self._limits.models]:
+        for model in [
+            m for m, q in self._queues.items() if q.depth == 0 and m not in self._limits.models
+        ]:
             pacer = self._queues[model].pacer
             if isinstance(pacer, Pacer) and pacer.is_idle(now):
                 del self._queues[model]
+
+    def shed(self, error: Exception) -> int:
+        """Answer every waiting request with ``error``; returns how many there were."""
+        return sum(queue.shed(error) for queue in self._queues.values())
+
+    def queued(self) -> int:
+        return sum(queue.depth for queue in self._queues.values())
 
     def close(self) -> None:
         for queue in self._queues.values():

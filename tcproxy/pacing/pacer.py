@@ -28,6 +28,7 @@ This module knows nothing of HTTP or of who is waiting; ``queue`` decides that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 from aiolimiter import AsyncLimiter
@@ -108,11 +109,7 @@ class Pacer:
 
     def ready(self, now: float) -> bool:
         """True if a release right now would keep both rules (and nothing is pending)."""
-        return (
-            not self._precharge
-            and self._blocked_for(now) <= 0
-            and self._bucket.has_capacity()
-        )
+        return not self._precharge and self._blocked_for(now) <= 0 and self._bucket.has_capacity()
 
     async def acquire(self) -> None:
         """Wait for the next slot and take it."""
@@ -128,8 +125,7 @@ class Pacer:
                 if self._precharge:
                     self._precharge = False
                     await bucket.acquire(bucket.max_rate)
-                await bucket.acquire()
-                holding = True
+                holding = await self._bucket_slot(bucket)
                 continue  # the bucket may have made us wait: check the window and pause again
             self._recent.append(loop.time())
             return
@@ -151,13 +147,27 @@ class Pacer:
             wait = max(wait, recent[excess] + self._span - now)
         return wait
 
+    async def _bucket_slot(self, bucket: AsyncLimiter) -> bool:
+        """Take a unit of ``bucket``; False if the limit changed first (start again, new bucket)."""
+        if bucket.has_capacity():
+            await bucket.acquire()  # does not suspend
+            return True
+        self._changed.clear()
+        acquire = asyncio.ensure_future(bucket.acquire())
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait((acquire, changed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        return acquire.done() and not acquire.cancelled()
+
     async def _nap(self, seconds: float) -> None:
         """Sleep, but wake early when the limit changes or a pause arrives."""
         self._changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), seconds)
-        except TimeoutError:
-            pass
 
     def _wake(self) -> None:
         self._changed.set()

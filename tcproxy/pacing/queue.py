@@ -173,6 +173,17 @@ class ModelQueue:
         finally:
             self._dispatcher = None
 
+    def shed(self, error: Exception) -> int:
+        """Answer every waiter with ``error`` (shutting down). Returns how many there were."""
+        waiters = [w for line in self._lines.values() for w in line.values()]
+        self._lines.clear()
+        self._turns.clear()
+        self._depth = 0
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+        return len(waiters)
+
     def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
