@@ -6,14 +6,20 @@ after their ``yield``, in reverse order; nothing is opened at import or in ``bui
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from tcproxy import manage, middleware, proxy
+from tcproxy.clients import ClientTable
 from tcproxy.config import Config, Secret
+from tcproxy.ledger import Ledger
 from tcproxy.metrics import METRICS, Metrics
 from tcproxy.pacing import Limiter
+from tcproxy.quotas import Budgets
 from tcproxy.state import STATE, State
 from tcproxy.upstream import Upstream, make_session
 
@@ -22,10 +28,16 @@ def build_app(
     config: Config,
     token: Secret,
     *,
+    ledger_path: Path | None = None,
     time_scale: float = 1.0,
+    clock: Callable[[], float] = time.time,
     log_lines_lost: Callable[[], int] | None = None,
 ) -> web.Application:
-    """The proxy application. ``time_scale`` > 1 makes a pacing minute pass faster (tests)."""
+    """The proxy application.
+
+    ``ledger_path``: where the usage ledger lives (None: no ledger). ``time_scale`` > 1 makes a
+    pacing minute pass faster and ``clock`` is the wall clock of the budgets (tests move both).
+    """
     app = web.Application(
         middlewares=[middleware.observe],
         # Bodies are read by incoming.read_body against the live config; this is a backstop.
@@ -35,12 +47,18 @@ def build_app(
         config=config,
         token=token,
         limiter=Limiter(config.limits, time_scale=time_scale),
+        clients=ClientTable(config.clients),
+        budgets=Budgets(clock),
         time_scale=time_scale,
+        ledger=Ledger(ledger_path) if ledger_path is not None else None,
     )
     if log_lines_lost is not None:
         state.log_lines_lost = log_lines_lost
     metrics = app[METRICS] = Metrics(state.snapshot, lambda: set(state.config.limits.models))
-    state.observers.append(metrics.observe)
+    state.observers += [metrics.observe, state.count_usage]
+    if state.ledger is not None:
+        state.observers.append(state.ledger.record)
+        app.cleanup_ctx.append(_ledger)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_limiter)
     app.on_response_prepare.append(middleware.stamp_headers)
@@ -59,6 +77,16 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     yield
     state.upstream = None
     await session.close()
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    ledger = state.ledger
+    assert ledger is not None
+    today, this_month = await asyncio.to_thread(ledger.open)
+    state.budgets.load(today, this_month)  # budgets survive a restart
+    yield
+    await asyncio.to_thread(ledger.close)  # writes every row still queued
 
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:

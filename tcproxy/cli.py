@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import re
 import sys
 from collections.abc import Sequence
 
@@ -22,7 +23,7 @@ from tcproxy.config import (
     parse_listen,
     resolve_token,
 )
-from tcproxy.config.model import DOCUMENTED_RPM
+from tcproxy.config.model import DOCUMENTED_RPM, LedgerConfig
 from tcproxy.config.token import Secret
 from tcproxy.emulator import MODES, EmulatorSettings
 from tcproxy.log import configure_logging
@@ -128,6 +129,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=_check_config)
+
+    keys = commands.add_parser(
+        "keys",
+        help="make client keys for a team",
+        description="Client keys let several people share one tcproxy (and one TokenCheap key)"
+        " without sharing that key: each gets a key of their own, which can be revoked alone.",
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    new_key = key_commands.add_parser(
+        "new",
+        help="print a fresh client key and the config lines to add",
+        description="Print a fresh client key once, and the lines to add under 'clients:' in"
+        " the config (which stores only the key's SHA-256). Give the key to its owner; then"
+        " reload tcproxy (systemctl reload tcproxy). To revoke it, delete those lines and reload.",
+    )
+    new_key.add_argument("name", metavar="NAME", help="who the key is for, e.g. alice")
+    new_key.set_defaults(run=_new_key)
+
+    usage = commands.add_parser(
+        "usage",
+        help="report who used what, from the usage ledger",
+        description="Sum the requests and tokens in the usage ledger by client and/or model."
+        " Periods are UTC.",
+    )
+    where = usage.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db", metavar="FILE", help="the ledger file (e.g. /var/lib/tcproxy/usage.db)"
+    )
+    where.add_argument(
+        "--config", metavar="FILE", help="find the ledger from this config's ledger.path"
+    )
+    usage.add_argument(
+        "--period",
+        help="today, yesterday, month (the default), last-month, all, or Nd (e.g. 7d)",
+    )
+    usage.add_argument("--since", metavar="DATE", help="from this date (UTC), e.g. 2026-11-01")
+    usage.add_argument("--until", metavar="DATE", help="up to this date (UTC), not included")
+    usage.add_argument("--by", choices=("client", "model", "client,model"), default="client,model")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_const", const="json", dest="format")
+    output.add_argument("--csv", action="store_const", const="csv", dest="format")
+    usage.set_defaults(run=_usage, format="table")
     return parser
 
 
@@ -149,7 +192,11 @@ def _serve(args: argparse.Namespace) -> int:
             level=args.log_level or config.log.level,
             format=args.log_format or config.log.format,
         )
-        return dataclasses.replace(config, log=log)
+        config = dataclasses.replace(config, log=log)
+        if args.emulator and config.ledger.path is None:
+            # Emulated traffic stays out of the default ledger, where real usage is counted.
+            config = dataclasses.replace(config, ledger=LedgerConfig(enabled=False))
+        return config
 
     emulator = None
     source = Source(read_config)
@@ -258,4 +305,54 @@ def _check_config(args: argparse.Namespace) -> int:
     except TokenError as exc:
         # Not an error of the file: the service may run with another environment.
         print(f"  note      in this environment: {exc}")
+    return 0
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from tcproxy.clients import new_key
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
+        print("tcproxy keys new: NAME is 1-64 letters, digits, '.', '_' or '-'", file=sys.stderr)
+        return 2
+    key, digest = new_key()
+    print(f"client key for {args.name} (shown only now; give it to {args.name}):\n")
+    print(f"  {key}\n")
+    print("add to the config, under 'clients:', then reload tcproxy:\n")
+    print("clients:")
+    print(f"  {args.name}:")
+    print(f"    key_sha256: {digest}")
+    print("    # rpm: 60                 # optional: cap this client's requests per minute")
+    print("    # tokens_per_day: 200000  # optional: token budgets (UTC day and month)")
+    print("    # tokens_per_month: 3000000")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tcproxy.config.paths import ledger_path
+    from tcproxy.report import ReportError, period, render, summarise
+
+    if args.db:
+        path = Path(args.db)
+    else:
+        try:
+            config = load_config(args.config) if args.config else Config()
+        except ConfigInvalid as exc:
+            print(exc.render(), file=sys.stderr)
+            return 2
+        found = ledger_path(config.ledger)
+        if found is None:
+            print(
+                "tcproxy usage: the ledger is off in this config (ledger.enabled)", file=sys.stderr
+            )
+            return 2
+        path = found
+    try:
+        span = period(args.period, args.since, args.until)
+        report = summarise(path, span, args.by)
+    except ReportError as exc:
+        print(f"tcproxy usage: {exc}", file=sys.stderr)
+        return 2
+    print(render(report, args.by, span, args.format))
     return 0

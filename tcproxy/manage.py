@@ -10,6 +10,7 @@ import time
 from aiohttp import web
 
 from tcproxy import __version__
+from tcproxy.access import check_management
 from tcproxy.metrics import CONTENT_TYPE_LATEST, METRICS
 from tcproxy.state import STATE
 
@@ -39,6 +40,7 @@ async def ready(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
+    check_management(request, config.management)
     return web.json_response(
         {
             "version": __version__,
@@ -51,5 +53,6 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    check_management(request, request.app[STATE].config.management)
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -6,7 +6,8 @@ share counters. Request counters are fed by the access-line observer; the pacing
 depth, pace, pauses) is read from the limiter at scrape time.
 
 Model names come from clients, so label values are bounded: models in the config keep their
-name, the first ``_MAX_UNLISTED`` others too, and any beyond that count as ``other``.
+name, the first ``_MAX_UNLISTED`` others too, and any beyond that count as ``other``. Client
+labels are the configured client names (or ``-`` without keys): bounded by the config.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "tcproxy_requests",
-            "Requests answered, by model, status and who produced the answer (upstream or tcproxy)",
-            ["model", "status", "source"],
+            "Requests answered, by client, model, status and who produced the answer"
+            " (upstream or tcproxy)",
+            ["client", "model", "status", "source"],
             registry=r,
         )
         self.queue_wait = Histogram(
@@ -55,7 +57,10 @@ class Metrics:
             ["model"], buckets=_UPSTREAM_BUCKETS, registry=r,
         )  # fmt: skip
         self.tokens = Counter(
-            "tcproxy_tokens", "Tokens the upstream reported using", ["model", "kind"], registry=r
+            "tcproxy_tokens",
+            "Tokens the upstream reported using",
+            ["client", "model", "kind"],
+            registry=r,
         )
         self.upstream_responses = Counter(
             "tcproxy_upstream_responses",
@@ -80,7 +85,7 @@ class Metrics:
             return
         model = self.label(record.model)
         source = "tcproxy" if record.error and record.upstream_status is None else "upstream"
-        self.requests.labels(model, str(record.status), source).inc()
+        self.requests.labels(record.client, model, str(record.status), source).inc()
         if record.model is not None:
             self.queue_wait.labels(model).observe(record.queue_s)
         if record.upstream_s is not None:
@@ -88,8 +93,9 @@ class Metrics:
         if record.upstream_status is not None:
             self.upstream_responses.labels(model, str(record.upstream_status)).inc()
         if record.usage is not None:
-            self.tokens.labels(model, "prompt").inc(record.usage.prompt_tokens)
-            self.tokens.labels(model, "completion").inc(record.usage.completion_tokens)
+            tokens = self.tokens
+            tokens.labels(record.client, model, "prompt").inc(record.usage.prompt_tokens)
+            tokens.labels(record.client, model, "completion").inc(record.usage.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

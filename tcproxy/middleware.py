@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from tcproxy.access import check_network
 from tcproxy.errors import ProxyError, for_status
 from tcproxy.record import RECORD, RequestRecord
 from tcproxy.state import STATE
@@ -42,6 +43,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
+        check_network(request, request.app[STATE].config.listen.allow)
         response = await handler(request)
         record.status = response.status
         return response

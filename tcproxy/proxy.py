@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from tcproxy import headers as hdrs
 from tcproxy.accounting import UsageSniffer
+from tcproxy.config.model import ClientConfig
 from tcproxy.errors import BadGateway, ServiceUnavailable
 from tcproxy.incoming import find_model, read_body, upstream_target
 from tcproxy.record import RECORD, RequestRecord
@@ -42,16 +43,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise ServiceUnavailable(
             "shutting_down", "tcproxy is shutting down; retry in a moment", retry_after=5
         )
+    # Who is asking comes first: a request without a valid key is not even read.
+    client = state.clients.identify(request.headers.get("Authorization"))
+    if client is not None:
+        record.client = client.name
     server = state.config.server
     target = upstream_target(request)
     body = await read_body(request, server.max_body_size, server.body_timeout)
     record.bytes_in = len(body)
     record.model, record.stream = find_model(request.method, body)
+    if client is not None and record.model is not None:
+        state.budgets.check(client)  # a spent budget costs nothing upstream
     headers = hdrs.to_upstream(request.headers, state.authorization(), record.request_id)
     if body:
         # aiohttp inflated a compressed request body; it goes upstream as plain bytes.
         headers.popall("Content-Encoding", None)
-    response = await _send(request, state, record, target, headers, body)
+    response = await _send(request, state, record, client, target, headers, body)
     return await _relay(request, response, record)
 
 
@@ -59,6 +66,7 @@ async def _send(
     request: web.Request,
     state: State,
     record: RequestRecord,
+    client: ClientConfig | None,
     target: str,
     headers: CIMultiDict[str],
     body: bytes,
@@ -72,6 +80,13 @@ async def _send(
     limits = state.config.limits
     queue = state.limiter.queue(record.model)
     deadline = loop.time() + limits.queue_timeout
+    capped = state.limiter.client_queue(client) if client is not None else None
+    waited_from = loop.time()
+    try:
+        if capped is not None:  # the client's own rpm cap first, then its model's line
+            await capped.wait_turn(record.client, deadline - waited_from)
+    finally:
+        record.queue_s += loop.time() - waited_from
     while True:
         waited_from = loop.time()
         try:

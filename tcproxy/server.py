@@ -32,6 +32,14 @@ class PureParserRefused(RuntimeError):
     pass
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 and up). Raises OSError or ssl.SSLError."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def require_c_parser() -> None:
     """Refuse to run on aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS).
 
@@ -111,7 +119,7 @@ class Listening:
     site: web.BaseSite
     host: str
     port: int
-    tls: bool = False
+    tls_context: ssl.SSLContext | None = None
 
     @property
     def app(self) -> web.Application:
@@ -120,7 +128,7 @@ class Listening:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+        return f"{'https' if self.tls_context else 'http'}://{host}:{self.port}"
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; connections already open carry on."""
@@ -158,7 +166,7 @@ async def listen(
         sock.close()
         await runner.cleanup()
         raise
-    return Listening(runner, site, host, sock.getsockname()[1], tls=ssl_context is not None)
+    return Listening(runner, site, host, sock.getsockname()[1], ssl_context)
 
 
 def bind(host: str, port: int, backlog: int = 1024) -> socket.socket:

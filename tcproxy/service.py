@@ -26,23 +26,34 @@ import contextlib
 import dataclasses
 import secrets
 import signal
+import ssl
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
 from tcproxy.app import build_app
 from tcproxy.config import Config, ConfigInvalid, Secret, TokenError, resolve_token
+from tcproxy.config.paths import ledger_path
 from tcproxy.emulator import Emulator, EmulatorSettings
 from tcproxy.errors import ServiceUnavailable
 from tcproxy.log import LogControl
-from tcproxy.server import Listening, PureParserRefused, listen, require_c_parser
+from tcproxy.server import Listening, PureParserRefused, listen, require_c_parser, tls_context
 from tcproxy.state import STATE, State
 from tcproxy.systemd import Notifier
 
 log = structlog.get_logger("tcproxy.service")
 
 _SHED_BEFORE_END = 2.0  # seconds before shutdown_timeout at which queued requests get their 503
-_RESTART_ONLY = ("listen", "server.keepalive_timeout", "log.format")
+_RESTART_ONLY = (
+    "listen.host",
+    "listen.port",
+    "listen.tls",
+    "server.keepalive_timeout",
+    "log.format",
+    "ledger",
+)
 
 
 class StartupError(Exception):
@@ -63,15 +74,33 @@ async def start_proxy(
     config: Config,
     token: Secret,
     *,
+    ledger_path: Path | None = None,
     time_scale: float = 1.0,
+    clock: Callable[[], float] = time.time,
     log_control: LogControl | None = None,
 ) -> Listening:
     try:
         require_c_parser()
     except PureParserRefused as exc:
         raise StartupError(str(exc)) from None
+    tls = config.listen.tls
+    context = None
+    if tls is not None:
+        try:
+            context = tls_context(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(
+                f"cannot load the TLS certificate or key (listen.tls): {exc}"
+            ) from None
     lost = (lambda: log_control.sink.lost) if log_control is not None else None
-    app = build_app(config, token, time_scale=time_scale, log_lines_lost=lost)
+    app = build_app(
+        config,
+        token,
+        ledger_path=ledger_path,
+        time_scale=time_scale,
+        clock=clock,
+        log_lines_lost=lost,
+    )
     try:
         listening = await listen(
             app,
@@ -79,6 +108,7 @@ async def start_proxy(
             config.listen.port,
             keepalive_timeout=config.server.keepalive_timeout,
             shutdown_timeout=config.server.shutdown_timeout,
+            ssl_context=context,
         )
     except OSError as exc:
         hint = " (is another tcproxy running?)" if exc.errno == 98 else ""
@@ -87,6 +117,8 @@ async def start_proxy(
     log.info(
         "tcproxy listening",
         url=listening.url,
+        clients=len(config.clients) or "none (loopback only, no keys)",
+        ledger=str(ledger_path) if ledger_path else "off",
         upstream=config.upstream.base_url,
         limits={name: limit.rpm for name, limit in limits.models.items()},
         default_rpm=limits.default.rpm,
@@ -125,6 +157,7 @@ class Service:
         self.emulator = emulator
         self.notifier = notifier or Notifier()
         self._emulator_url: str | None = None
+        self._tls: ssl.SSLContext | None = None
 
     async def run(self, config: Config, token: Secret) -> None:
         """Serve until SIGTERM or SIGINT, reloading on SIGHUP."""
@@ -137,7 +170,13 @@ class Service:
                 url=upstream.url,
             )
         try:
-            listening = await start_proxy(self._fixed(config), token, log_control=self.log_control)
+            listening = await start_proxy(
+                self._fixed(config),
+                token,
+                ledger_path=ledger_path(config.ledger),
+                log_control=self.log_control,
+            )
+            self._tls = listening.tls_context
             await self._serve(listening)
         finally:
             if upstream is not None:
@@ -182,6 +221,11 @@ class Service:
         if kept:
             log.warning("these settings change only on restart; kept as they are", keys=kept)
             config = _keep(config, running, kept)
+        if self._tls is not None and config.listen.tls is not None:
+            try:  # renewed certificate files at the same paths are picked up
+                self._tls.load_cert_chain(config.listen.tls.cert, config.listen.tls.key)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("could not reload the TLS certificate; the old one stays", error=str(exc))
         self.log_control.add_secret(token.reveal())
         state.apply(config, token)
         self.log_control.set_level(config.log.level)

@@ -16,8 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from tcproxy.alarms import Alarms
+from tcproxy.clients import ClientTable
 from tcproxy.config import Config, Secret
+from tcproxy.ledger import Ledger
 from tcproxy.pacing import Limiter
+from tcproxy.quotas import Budgets
 from tcproxy.record import RequestRecord
 from tcproxy.upstream import Upstream
 
@@ -27,8 +30,11 @@ class State:
     config: Config
     token: Secret
     limiter: Limiter
+    clients: ClientTable
+    budgets: Budgets
     time_scale: float = 1.0
     upstream: Upstream | None = None
+    ledger: Ledger | None = None
     alarms: Alarms = field(default_factory=Alarms)
     started_at: float = field(default_factory=time.time)
     draining: bool = False
@@ -44,9 +50,15 @@ class State:
         """Follow a reloaded config. Requests queued or in flight carry on untouched."""
         self.config = config
         self.token = token
+        self.clients = ClientTable(config.clients)
         self.limiter.update(config.limits)
         if self.upstream is not None:
             self.upstream.configure(config.upstream)
+
+    def count_usage(self, record: RequestRecord) -> None:
+        """Observer: spent tokens count against the client's budgets."""
+        if record.usage is not None and record.usage.total_tokens:
+            self.budgets.add(record.client, record.usage.total_tokens)
 
     def snapshot(self) -> dict[str, Any]:
         upstream = self.upstream

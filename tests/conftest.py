@@ -12,7 +12,9 @@ import dataclasses
 import io
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -164,6 +166,8 @@ async def stack() -> AsyncIterator[StackFactory]:
         emulator: EmulatorSettings | None = None,
         time_scale: float = 1.0,
         upstream_url: str | None = None,
+        ledger_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> Stack:
         settings = dataclasses.replace(
             emulator or EmulatorSettings(), token=UPSTREAM_TOKEN, time_scale=time_scale
@@ -174,6 +178,8 @@ async def stack() -> AsyncIterator[StackFactory]:
             proxy_config(upstream_url or upstream.url, config),
             Secret(UPSTREAM_TOKEN),
             time_scale=time_scale,
+            ledger_path=ledger_path,
+            clock=clock,
         )
         opened.append(proxy)
         session = aiohttp.ClientSession()

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 
 import aiohttp
@@ -31,6 +32,8 @@ class Process:
         inherited = {
             k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")
         }
+        # Default state (the usage ledger) goes to a throwaway folder, not the user's home.
+        inherited["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="tcproxy-state-")
         full_env = {**inherited, **(env or {})}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tcproxy", *args,

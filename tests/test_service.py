@@ -156,7 +156,7 @@ async def test_changed_listen_on_reload_is_reported_as_needing_a_restart(served)
     assert (await status(served.url))["listen"] == f"127.0.0.1:{served.port}"
     await served.process.stop()
     (warning,) = [line for line in served.lines() if "restart" in line["event"]]
-    assert warning["keys"] == ["listen"]
+    assert warning["keys"] == ["listen.port"]
 
 
 async def test_sigterm_lets_a_long_stream_finish_and_exits_0(served):
@@ -249,25 +249,12 @@ async def test_metrics_parse_as_prometheus_text(served):
         for family in families.values()
         for s in family.samples
     }
-    assert (
-        samples[
-            (
-                "tcproxy_requests_total",
-                (("model", "gpt-4"), ("source", "upstream"), ("status", "200")),
-            )
-        ]
-        == 3
-    )
-    assert (
-        samples[
-            (
-                "tcproxy_requests_total",
-                (("model", "none"), ("source", "tcproxy"), ("status", "400")),
-            )
-        ]
-        == 1
-    )
-    assert samples[("tcproxy_tokens_total", (("kind", "completion"), ("model", "gpt-4")))] == 48
+    ok = (("client", "-"), ("model", "gpt-4"), ("source", "upstream"), ("status", "200"))
+    bad = (("client", "-"), ("model", "none"), ("source", "tcproxy"), ("status", "400"))
+    assert samples[("tcproxy_requests_total", ok)] == 3
+    assert samples[("tcproxy_requests_total", bad)] == 1
+    completion = (("client", "-"), ("kind", "completion"), ("model", "gpt-4"))
+    assert samples[("tcproxy_tokens_total", completion)] == 48
     assert samples[("tcproxy_queue_wait_seconds_count", (("model", "gpt-4"),))] == 3
     assert samples[("tcproxy_upstream_latency_seconds_count", (("model", "gpt-4"),))] == 3
     assert samples[("tcproxy_limit_rpm", (("model", "gpt-4"),))] == 6000

@@ -7,6 +7,7 @@ This is the only module that reads YAML. It never stops at the first problem: a 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -19,13 +20,17 @@ from urllib.parse import urlsplit
 import yaml
 
 from tcproxy.config.model import (
+    ClientConfig,
     Config,
+    LedgerConfig,
     LimitsConfig,
     ListenConfig,
     LogConfig,
+    ManagementConfig,
     MiB,
     ModelLimit,
     ServerConfig,
+    TLSConfig,
     UpstreamConfig,
 )
 
@@ -191,23 +196,116 @@ class _Reader:
     # -- the schema -----------------------------------------------------------------------
 
     def build(self, tree: Any) -> Config | None:
-        top = self.section(tree, (), {"listen", "upstream", "limits", "server", "log"})
+        known = {"listen", "upstream", "limits", "server", "log", "clients", "management", "ledger"}
+        top = self.section(tree, (), known)
         defaults = Config()
-        listen = self.take(top, (), "listen", _listen, defaults.listen)
+        listen = (
+            self._listen(top.get("listen"), defaults.listen) if "listen" in top else defaults.listen
+        )
         upstream = self._upstream(top.get("upstream"), defaults.upstream)
         limits = self._limits(top.get("limits"), defaults.limits)
         server = self._server(top.get("server"), defaults.server)
         log = self._log(top.get("log"), defaults.log)
-        if not listen.is_loopback:
+        clients = self._clients(top.get("clients"))
+        management = self._management(top.get("management"), defaults.management)
+        ledger = self._ledger(top.get("ledger"), defaults.ledger)
+        if not listen.is_loopback and not clients:
             self._add(
                 ("listen",),
                 f"{listen} is reachable from the network, and without client keys anyone who can"
-                " reach it could spend the TokenCheap balance; listen on 127.0.0.1, or configure"
-                " client keys",
+                " reach it could spend the TokenCheap balance; listen on 127.0.0.1, or add"
+                " client keys (tcproxy keys new NAME prints one and the config lines)",
             )
         if self.problems:
             return None
-        return Config(listen=listen, upstream=upstream, limits=limits, server=server, log=log)
+        return Config(
+            listen=listen,
+            upstream=upstream,
+            limits=limits,
+            server=server,
+            log=log,
+            clients=MappingProxyType(clients),
+            management=management,
+            ledger=ledger,
+        )
+
+    def _listen(self, tree: Any, d: ListenConfig) -> ListenConfig:
+        p: KeyPath = ("listen",)
+        if not isinstance(tree, dict):
+            return self.take({"listen": tree}, (), "listen", _listen, d)
+        s = self.section(tree, p, {"address", "tls", "allow"})
+        if "address" not in s:
+            self._add(p, "needs 'address' (HOST:PORT), e.g. address: 0.0.0.0:8787")
+        address = self.take(s, p, "address", _listen, d)
+        tls = None
+        if "tls" in s:
+            t = self.section(s["tls"], (*p, "tls"), {"cert", "key"})
+            for key in ("cert", "key"):
+                if key not in t:
+                    self._add((*p, "tls"), f"needs '{key}' (a PEM file)")
+            cert = self.take(t, (*p, "tls"), "cert", _readable_file, "")
+            key = self.take(t, (*p, "tls"), "key", _readable_file, "")
+            if cert and key:
+                tls = TLSConfig(cert=cert, key=key)
+        allow = self.take(s, p, "allow", _networks, d.allow)
+        return ListenConfig(host=address.host, port=address.port, tls=tls, allow=allow)
+
+    def _clients(self, tree: Any) -> dict[str, ClientConfig]:
+        p: KeyPath = ("clients",)
+        if tree is None:
+            return {}
+        if not isinstance(tree, dict):
+            self._add(p, f"must map client names to their settings, got {_kind(tree)}")
+            return {}
+        clients: dict[str, ClientConfig] = {}
+        seen: dict[str, str] = {}
+        for name, value in tree.items():
+            path = (*p, name)
+            if not _CLIENT_NAME.fullmatch(name):
+                self._add(path, "client names are 1-64 letters, digits, '.', '_' or '-'")
+                continue
+            s = self.section(
+                value, path, {"key_sha256", "rpm", "tokens_per_day", "tokens_per_month"}
+            )
+            if "key_sha256" not in s:
+                self._add(path, "needs 'key_sha256' (tcproxy keys new NAME prints it)")
+                continue
+            before = len(self.problems)
+            digest = self.take(s, path, "key_sha256", _sha256, "")
+            if digest in seen:
+                self._add((*path, "key_sha256"), f"is the same key as client '{seen[digest]}'")
+            seen[digest] = name
+            client = ClientConfig(
+                name=name,
+                key_sha256=digest,
+                rpm=self.take(s, path, "rpm", _optional(_rpm), None),
+                tokens_per_day=self.take(s, path, "tokens_per_day", _optional(_positive_int), None),
+                tokens_per_month=self.take(
+                    s, path, "tokens_per_month", _optional(_positive_int), None
+                ),
+            )
+            if len(self.problems) == before:
+                clients[name] = client
+        return clients
+
+    def _management(self, tree: Any, d: ManagementConfig) -> ManagementConfig:
+        p: KeyPath = ("management",)
+        s = self.section(tree, p, {"access", "key_sha256"})
+        access = self.take(s, p, "access", _choice("local", "any", "key"), d.access)
+        digest = self.take(s, p, "key_sha256", _optional(_sha256), d.key_sha256)
+        if access == "key" and digest is None:
+            self._add((*p, "access"), "is 'key' but management.key_sha256 is not set")
+        return ManagementConfig(access=access, key_sha256=digest)
+
+    def _ledger(self, tree: Any, d: LedgerConfig) -> LedgerConfig:
+        p: KeyPath = ("ledger",)
+        if tree is False:
+            return LedgerConfig(enabled=False)
+        s = self.section(tree, p, {"enabled", "path"})
+        return LedgerConfig(
+            enabled=self.take(s, p, "enabled", _bool, d.enabled),
+            path=self.take(s, p, "path", _optional(_nonempty_text), d.path),
+        )
 
     def _upstream(self, tree: Any, d: UpstreamConfig) -> UpstreamConfig:
         p: KeyPath = ("upstream",)
@@ -424,6 +522,44 @@ def _base_url(value: Any) -> str:
     if parts.query or parts.fragment or parts.username or parts.password:
         raise _Invalid("must not carry a query, fragment or credentials (the token is injected)")
     return url.rstrip("/")
+
+
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_kind(value)}")
+    return value
+
+
+def _sha256(value: Any) -> str:
+    digest = _text(value).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise _Invalid(
+            "must be the 64 hex digits of a key's SHA-256 (tcproxy keys new NAME prints it);"
+            " never the key itself"
+        )
+    return digest
+
+
+def _readable_file(value: Any) -> str:
+    path = _nonempty_text(value)
+    if not Path(path).is_file():
+        raise _Invalid(f"{path} is not a file that exists")
+    return path
+
+
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"must be a list of networks like 192.168.1.0/24, got {_kind(value)}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_text(item).strip(), strict=False))
+        except ValueError:
+            raise _Invalid(f"{item!r} is not a network like 192.168.1.0/24 or 10.0.0.5") from None
+    return tuple(networks)
 
 
 def _listen(value: Any) -> ListenConfig:

@@ -38,9 +38,18 @@ class ModelLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8787
+    tls: TLSConfig | None = None
+    # Client networks allowed to connect; empty: any. Loopback is always allowed (probes).
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def is_loopback(self) -> bool:
@@ -102,9 +111,43 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """A teammate: their key (stored as a hash only) and optional caps.
+
+    ``tokens_per_day`` and ``tokens_per_month`` count the upstream's reported usage per UTC
+    calendar day and month.
+    """
+
+    name: str
+    key_sha256: str
+    rpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementConfig:
+    # Who may read /-/status and /metrics: "local" (peers on loopback), "any", or "key" (a
+    # request bearing the key whose hash is key_sha256). /-/healthy and /-/ready stay open.
+    access: str = "local"
+    key_sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    enabled: bool = True
+    # None: usage.db under $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/tcproxy or
+    # ~/.local/state/tcproxy.
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig = ListenConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
+    clients: Mapping[str, ClientConfig] = field(default_factory=lambda: MappingProxyType({}))
+    management: ManagementConfig = ManagementConfig()
+    ledger: LedgerConfig = LedgerConfig()

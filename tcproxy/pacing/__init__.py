@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tcproxy.config.model import LimitsConfig
+from tcproxy.config.model import ClientConfig, LimitsConfig, ModelLimit
 from tcproxy.pacing.pacer import MINUTE, Pacer
 from tcproxy.pacing.queue import ModelQueue
 
@@ -30,6 +30,7 @@ class Limiter:
         self.time_scale = time_scale
         self._queues: dict[str, ModelQueue] = {}
         self._refusals: dict[str, int] = {}  # upstream 429s seen, per model
+        self._client_queues: dict[str, ModelQueue] = {}
 
     @property
     def window(self) -> float:
@@ -56,6 +57,22 @@ class Limiter:
             if isinstance(queue.pacer, Pacer):
                 queue.pacer.update(limits.for_model(model), limits.safety_margin, self.window)
 
+    def client_queue(self, client: ClientConfig) -> ModelQueue | None:
+        """The line in front of a client's rpm cap (``clients.NAME.rpm``), if it has one."""
+        if client.rpm is None:
+            return None
+        limit = ModelLimit(rpm=client.rpm)
+        margin = self._limits.safety_margin
+        queue = self._client_queues.get(client.name)
+        if queue is None:
+            label = f"client '{client.name}' (clients.{client.name}.rpm: {client.rpm})"
+            pacer = Pacer(limit, margin, self.window)
+            queue = ModelQueue(client.name, pacer, self._limits.max_queue, label)
+            self._client_queues[client.name] = queue
+        elif isinstance(queue.pacer, Pacer):
+            queue.pacer.update(limit, margin, self.window)  # follows a reloaded cap
+        return queue
+
     def note_refusal(self, model: str) -> None:
         self._refusals[model] = self._refusals.get(model, 0) + 1
 
@@ -68,15 +85,18 @@ class Limiter:
             if isinstance(pacer, Pacer) and pacer.is_idle(now):
                 del self._queues[model]
 
+    def _all_queues(self) -> list[ModelQueue]:
+        return [*self._queues.values(), *self._client_queues.values()]
+
     def shed(self, error: Exception) -> int:
         """Answer every waiting request with ``error``; returns how many there were."""
-        return sum(queue.shed(error) for queue in self._queues.values())
+        return sum(queue.shed(error) for queue in self._all_queues())
 
     def queued(self) -> int:
-        return sum(queue.depth for queue in self._queues.values())
+        return sum(queue.depth for queue in self._all_queues())
 
     def close(self) -> None:
-        for queue in self._queues.values():
+        for queue in self._all_queues():
             queue.close()
 
     def snapshot(self) -> dict[str, dict[str, Any]]:

@@ -50,13 +50,17 @@ class ModelQueue:
         "_ids",
         "_lines",
         "_turns",
+        "label",
         "max_queue",
         "model",
         "pacer",
     )
 
-    def __init__(self, model: str, pacer: SlotSource, max_queue: int) -> None:
+    def __init__(
+        self, model: str, pacer: SlotSource, max_queue: int, label: str | None = None
+    ) -> None:
         self.model = model
+        self.label = label or f"model '{model}'"  # what error messages call this queue
         self.pacer = pacer
         self.max_queue = max_queue
         self._lines: dict[str, OrderedDict[int, _Waiter]] = {}
@@ -93,7 +97,7 @@ class ModelQueue:
         if not front and self._depth >= self.max_queue:
             raise TooManyRequests(
                 "queue_full",
-                f"the queue for model '{self.model}' is full ({self.max_queue} waiting);"
+                f"the queue for {self.label} is full ({self.max_queue} waiting);"
                 " retry later or raise limits.max_queue",
                 retry_after=self.estimated_wait(),
             )
@@ -120,8 +124,8 @@ class ModelQueue:
     def _timed_out(self) -> TooManyRequests:
         return TooManyRequests(
             "queue_timeout",
-            f"waited too long for a slot for model '{self.model}' (limits.queue_timeout);"
-            " the upstream allows only so many requests per minute, retry later",
+            f"waited too long for a slot for {self.label} (limits.queue_timeout);"
+            " only so many requests per minute may go, retry later",
             retry_after=self.estimated_wait(),
         )
 
