@@ -18,7 +18,7 @@ from tcproxy.clients import ClientTable
 from tcproxy.config import Config, Secret
 from tcproxy.ledger import Ledger
 from tcproxy.metrics import METRICS, Metrics
-from tcproxy.pacing import Limiter
+from tcproxy.pacing import Limiter, RedisBackend
 from tcproxy.quotas import Budgets
 from tcproxy.state import STATE, State
 from tcproxy.upstream import Upstream, make_session
@@ -59,6 +59,8 @@ def build_app(
     if state.ledger is not None:
         state.observers.append(state.ledger.record)
         app.cleanup_ctx.append(_ledger)
+    if config.limits.backend != "memory":
+        app.cleanup_ctx.append(_shared_pacing)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_limiter)
     app.on_response_prepare.append(middleware.stamp_headers)
@@ -87,6 +89,21 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state.budgets.load(today, this_month)  # budgets survive a restart
     yield
     await asyncio.to_thread(ledger.close)  # writes every row still queued
+
+
+async def _shared_pacing(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    limits = state.config.limits
+    backend = RedisBackend(
+        limits.backend,
+        prefix=limits.redis_prefix,
+        timeout=limits.redis_timeout,
+        fallback_share=limits.fallback_share,
+    )
+    await backend.start()  # an unreachable Redis is logged and paced around, never fatal
+    state.limiter.backend = backend
+    yield
+    await backend.close()
 
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:

@@ -182,7 +182,7 @@ def _load(path: str | None, listen: str | None = None) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tcproxy.service import Service, Source, StartupError, emulator_token
+    from tcproxy.service import Service, Source, StartupError, emulator_token, register_secrets
 
     def read_config() -> Config:
         config = _load(args.config, args.listen)
@@ -212,7 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tcproxy: {exc}", file=sys.stderr)
         return 2
     log_control = configure_logging(config.log.level, config.log.format)
-    log_control.add_secret(token.reveal())
+    register_secrets(log_control, config, token)
     log = structlog.get_logger("tcproxy")
     for warning in warnings:
         log.warning(warning)

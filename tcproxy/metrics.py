@@ -127,6 +127,11 @@ class _LiveState:
             "tcproxy_log_lines_lost", "Log lines dropped or failed (stuck or full output)",
             value=state["log_lines_lost"],
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "tcproxy_pacing_fallback",
+            "1 while Redis-shared pacing runs on the local fallback (Redis not answering)",
+            value=1.0 if state["pacing"] == "local fallback" else 0.0,
+        )
         reachable = state["upstream_reachable"]
         yield GaugeMetricFamily(
             "tcproxy_upstream_up", "0 if the last connection to the upstream failed",

@@ -30,6 +30,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -53,6 +54,11 @@ _RESTART_ONLY = (
     "server.keepalive_timeout",
     "log.format",
     "ledger",
+    "limits.backend",
+    "limits.redis_prefix",
+    "limits.redis_timeout",
+    "limits.instances",
+    "limits.redis_fallback_share",
 )
 
 
@@ -226,7 +232,7 @@ class Service:
                 self._tls.load_cert_chain(config.listen.tls.cert, config.listen.tls.key)
             except (OSError, ssl.SSLError) as exc:
                 log.error("could not reload the TLS certificate; the old one stays", error=str(exc))
-        self.log_control.add_secret(token.reveal())
+        register_secrets(self.log_control, config, token)
         state.apply(config, token)
         self.log_control.set_level(config.log.level)
         log.info(
@@ -306,6 +312,14 @@ def _keep(config: Config, running: Config, keys: list[str]) -> Config:
             part = dataclasses.replace(getattr(config, section), **{name: _get(running, key)})
             config = dataclasses.replace(config, **{section: part})
     return config
+
+
+def register_secrets(log_control: LogControl, config: Config, token: Secret) -> None:
+    """Everything that must never be printed, for the log's last-line mask."""
+    log_control.add_secret(token.reveal())
+    password = urlsplit(config.limits.backend).password
+    if password:
+        log_control.add_secret(password)
 
 
 def emulator_token() -> str:

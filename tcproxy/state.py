@@ -67,6 +67,7 @@ class State:
             "log_lines_lost": self.log_lines_lost(),
             "upstream_reachable": None if upstream is None else upstream.reachable,
             "upstream_failures": {} if upstream is None else dict(upstream.failures),
+            "pacing": self.limiter.mode,
             "alarms": self.alarms.active(),
             "models": self.limiter.snapshot(),
         }

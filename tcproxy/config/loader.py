@@ -325,7 +325,19 @@ class _Reader:
         s = self.section(
             tree,
             p,
-            {"default", "models", "queue_timeout", "max_queue", "safety_margin", "max_retries"},
+            {
+                "default",
+                "models",
+                "queue_timeout",
+                "max_queue",
+                "safety_margin",
+                "max_retries",
+                "backend",
+                "redis_prefix",
+                "redis_timeout",
+                "instances",
+                "redis_fallback_share",
+            },
         )
         models = dict(d.models)
         if "models" in s:
@@ -348,6 +360,13 @@ class _Reader:
             max_queue=self.take(s, p, "max_queue", _positive_int, d.max_queue),
             safety_margin=self.take(s, p, "safety_margin", _margin, d.safety_margin),
             max_retries=self.take(s, p, "max_retries", _count, d.max_retries),
+            backend=self.take(s, p, "backend", _backend, d.backend),
+            redis_prefix=self.take(s, p, "redis_prefix", _prefix, d.redis_prefix),
+            redis_timeout=self.take(s, p, "redis_timeout", _seconds, d.redis_timeout),
+            instances=self.take(s, p, "instances", _positive_int, d.instances),
+            redis_fallback_share=self.take(
+                s, p, "redis_fallback_share", _optional(_share), d.redis_fallback_share
+            ),
         )
 
     def _model_limit(self, tree: Any, path: KeyPath) -> ModelLimit | None:
@@ -525,6 +544,38 @@ def _base_url(value: Any) -> str:
 
 
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _backend(value: Any) -> str:
+    text = _text(value).strip()
+    if text == "memory":
+        return text
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise _Invalid("is not a URL") from None  # never echo it: it may hold a password
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        if parts.path not in ("", "/") and not parts.path.strip("/").isdigit():
+            raise _Invalid("the path of a redis:// URL is the database number, e.g. /0")
+        return text
+    if parts.scheme == "unix" and parts.path:
+        return text
+    raise _Invalid("must be 'memory' or a Redis URL like redis://127.0.0.1:6379/0")
+
+
+def _prefix(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", text):
+        raise _Invalid("must be 1-64 letters, digits or . _ : -")
+    return text
+
+
+def _share(value: Any) -> float:
+    share = _number(value)
+    if not 0 < share <= 1:
+        raise _Invalid(f"must be a fraction above 0 and at most 1, got {value}")
+    return share
 
 
 def _bool(value: Any) -> bool:

@@ -89,9 +89,23 @@ class LimitsConfig:
     # Seconds of arrival jitter (network, connection set-up) the pacing leaves room for.
     safety_margin: float = 0.25
     max_retries: int = 5
+    # "memory", or redis://[:password@]host:port/db to share the limits with other instances.
+    # Left out of repr: the URL may carry a password.
+    backend: str = field(default="memory", repr=False)
+    redis_prefix: str = "tcproxy"
+    redis_timeout: float = 0.5
+    instances: int = 1  # how many tcproxy instances share the key (for the fallback share)
+    redis_fallback_share: float | None = None  # None: 1/instances
 
     def for_model(self, model: str) -> ModelLimit:
         return self.models.get(model, self.default)
+
+    @property
+    def fallback_share(self) -> float:
+        """The share of each rpm an instance uses alone while Redis does not answer."""
+        if self.redis_fallback_share is not None:
+            return self.redis_fallback_share
+        return 1.0 / self.instances
 
 
 @dataclass(frozen=True, slots=True)

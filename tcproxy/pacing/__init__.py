@@ -1,10 +1,11 @@
 """Pacing: per-model queues and the pacers behind them. Knows nothing of HTTP.
 
     limiter = Limiter(config.limits)
-    waited = await limiter.queue("gpt-4").wait_turn(client="-", timeout=600)
+    await limiter.queue("gpt-4").wait_turn(client="-", timeout=600)
 
-``pacer`` holds the release rules, ``queue`` the fair waiting line; this module keeps one queue
-per model, follows config reloads, and reports their state.
+``pacer`` holds the release rules, ``shared`` the same rules kept in Redis for several
+instances, ``queue`` the fair waiting line. This module keeps one queue per model (and one per
+rpm-capped client), follows config reloads, and reports their state.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 from tcproxy.config.model import ClientConfig, LimitsConfig, ModelLimit
 from tcproxy.pacing.pacer import MINUTE, Pacer
-from tcproxy.pacing.queue import ModelQueue
+from tcproxy.pacing.queue import ModelQueue, SlotSource
+from tcproxy.pacing.shared import RedisBackend, RedisPacer
 
-__all__ = ["Limiter", "ModelQueue", "Pacer"]
+__all__ = ["Limiter", "ModelQueue", "Pacer", "RedisBackend"]
 
 # Models not in the config each get a queue of their own on first use. Past this many, idle
 # ones are forgotten, so a client inventing model names cannot grow memory without bound.
@@ -24,10 +26,17 @@ _MAX_IDLE_QUEUES = 256
 
 
 class Limiter:
-    def __init__(self, limits: LimitsConfig, *, time_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        *,
+        time_scale: float = 1.0,
+        backend: RedisBackend | None = None,
+    ) -> None:
         self._limits = limits
         # time_scale > 1 runs the minute faster (tests, emulation): the window shrinks by it.
         self.time_scale = time_scale
+        self.backend = backend  # None: pacing in this process only
         self._queues: dict[str, ModelQueue] = {}
         self._refusals: dict[str, int] = {}  # upstream 429s seen, per model
         self._client_queues: dict[str, ModelQueue] = {}
@@ -45,20 +54,20 @@ class Limiter:
         if queue is None:
             if len(self._queues) >= _MAX_IDLE_QUEUES:
                 self._forget_idle()
-            pacer = Pacer(self._limits.for_model(model), self._limits.safety_margin, self.window)
+            limit, margin = self._limits.for_model(model), self._limits.safety_margin
+            pacer: SlotSource
+            if self.backend is not None:
+                pacer = RedisPacer(self.backend, model, limit, margin, self.window)
+            else:
+                pacer = Pacer(limit, margin, self.window)
             queue = self._queues[model] = ModelQueue(model, pacer, self._limits.max_queue)
         return queue
 
-    def update(self, limits: LimitsConfig) -> None:
-        """Follow a reloaded config; waiters keep their place and follow the new pace."""
-        self._limits = limits
-        for model, queue in self._queues.items():
-            queue.max_queue = limits.max_queue
-            if isinstance(queue.pacer, Pacer):
-                queue.pacer.update(limits.for_model(model), limits.safety_margin, self.window)
-
     def client_queue(self, client: ClientConfig) -> ModelQueue | None:
-        """The line in front of a client's rpm cap (``clients.NAME.rpm``), if it has one."""
+        """The line in front of a client's rpm cap (``clients.NAME.rpm``), if it has one.
+
+        Caps are per instance: a client talks to its own tcproxy.
+        """
         if client.rpm is None:
             return None
         limit = ModelLimit(rpm=client.rpm)
@@ -69,20 +78,25 @@ class Limiter:
             pacer = Pacer(limit, margin, self.window)
             queue = ModelQueue(client.name, pacer, self._limits.max_queue, label)
             self._client_queues[client.name] = queue
-        elif isinstance(queue.pacer, Pacer):
+        else:
             queue.pacer.update(limit, margin, self.window)  # follows a reloaded cap
         return queue
+
+    def update(self, limits: LimitsConfig) -> None:
+        """Follow a reloaded config; waiters keep their place and follow the new pace."""
+        self._limits = limits
+        for model, queue in self._queues.items():
+            queue.max_queue = limits.max_queue
+            queue.pacer.update(limits.for_model(model), limits.safety_margin, self.window)
 
     def note_refusal(self, model: str) -> None:
         self._refusals[model] = self._refusals.get(model, 0) + 1
 
     def _forget_idle(self) -> None:
         now = asyncio.get_running_loop().time()
-        for model in [
-            m for m, q in self._queues.items() if q.depth == 0 and m not in self._limits.models
-        ]:
-            pacer = self._queues[model].pacer
-            if isinstance(pacer, Pacer) and pacer.is_idle(now):
+        listed = self._limits.models
+        for model in [m for m, q in self._queues.items() if q.depth == 0 and m not in listed]:
+            if self._queues[model].pacer.is_idle(now):
                 del self._queues[model]
 
     def _all_queues(self) -> list[ModelQueue]:
@@ -99,24 +113,23 @@ class Limiter:
         for queue in self._all_queues():
             queue.close()
 
+    @property
+    def mode(self) -> str:
+        """memory, redis, or local fallback (Redis configured but not answering)."""
+        return "memory" if self.backend is None else self.backend.mode
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per-model state for /-/status and /metrics."""
         now = asyncio.get_running_loop().time()
         models: dict[str, dict[str, Any]] = {}
         for model, queue in sorted(self._queues.items()):
             pacer = queue.pacer
-            limit = self._limits.for_model(model)
-            entry: dict[str, Any] = {
-                "rpm": limit.rpm,
+            models[model] = {
+                "rpm": self._limits.for_model(model).rpm,
                 "queue_depth": queue.depth,
                 "oldest_wait_s": round(queue.oldest_wait(now), 3),
+                "released_last_60s": pacer.releases_within(now, self.window),
                 "paused_for_s": round(max(0.0, pacer.paused_until - now), 3),
                 "upstream_429": self._refusals.get(model, 0),
             }
-            if isinstance(pacer, Pacer):
-                entry["released_last_60s"] = pacer.releases_within(now, self.window)
-            models[model] = entry
         return models
-
-    def models(self) -> list[str]:
-        return sorted(self._queues)

@@ -17,11 +17,12 @@ import itertools
 from collections import OrderedDict, deque
 from typing import Protocol
 
+from tcproxy.config.model import ModelLimit
 from tcproxy.errors import TooManyRequests
 
 
 class SlotSource(Protocol):
-    """What a queue needs from a pacing backend (in-process or Redis)."""
+    """A pacing backend for one model (in-process ``Pacer``, or ``RedisPacer``)."""
 
     paused_until: float
 
@@ -33,6 +34,12 @@ class SlotSource(Protocol):
     async def acquire(self) -> None: ...
 
     def pause(self, until: float) -> None: ...
+
+    def update(self, limit: ModelLimit, margin: float, window: float) -> None: ...
+
+    def releases_within(self, now: float, seconds: float) -> int: ...
+
+    def is_idle(self, now: float) -> bool: ...
 
 
 class _Waiter:
