@@ -121,7 +121,12 @@ def find_model(method: str, body: bytes) -> tuple[str | None, bool]:
             "invalid_model",
             f'"model" must be a model name of 1-{_MAX_MODEL_LENGTH} printable characters',
         )
-    return model, document.get("stream") is True
+    stream = document.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise BadRequest(
+            "invalid_body", f'"stream" must be true or false, got {_json_kind(stream)}'
+        )
+    return model, stream is True
 
 
 def _json_kind(value: Any) -> str:

@@ -59,7 +59,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # aiohttp inflated a compressed request body; it goes upstream as plain bytes.
         headers.popall("Content-Encoding", None)
     response = await _send(request, state, record, client, target, headers, body)
-    return await _relay(request, response, record)
+    return await _relay(request, response, record, state.config.upstream.max_response_size)
 
 
 async def _send(
@@ -74,10 +74,12 @@ async def _send(
     loop = asyncio.get_running_loop()
     if record.model is None:  # no model, no documented limit: straight through
         started = loop.time()
-        response = await _upstream_answer(state, request.method, target, headers, body)
+        response = await _upstream_answer(state, record, request.method, target, headers, body)
         record.upstream_s = loop.time() - started
         return response
     limits = state.config.limits
+    assert state.upstream is not None
+    state.upstream.breaker(record.model).check(send=False)  # failing fast costs no slot
     queue = state.limiter.queue(record.model)
     deadline = loop.time() + limits.queue_timeout
     capped = state.limiter.client_queue(client) if client is not None else None
@@ -94,7 +96,7 @@ async def _send(
         finally:
             record.queue_s += loop.time() - waited_from
         started = loop.time()
-        response = await _upstream_answer(state, request.method, target, headers, body)
+        response = await _upstream_answer(state, record, request.method, target, headers, body)
         record.upstream_s = loop.time() - started
         record.upstream_status = response.status
         if response.status != 429:
@@ -118,13 +120,18 @@ async def _send(
 
 
 async def _upstream_answer(
-    state: State, method: str, target: str, headers: CIMultiDict[str], body: bytes
+    state: State,
+    record: RequestRecord,
+    method: str,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes,
 ) -> aiohttp.ClientResponse:
     """Send upstream, and keep the alarms for lasting conditions (token refused, balance spent)."""
     upstream = state.upstream
     assert upstream is not None, "the upstream session is opened at start-up"
     try:
-        response = await upstream.send(method, target, headers, body)
+        response = await upstream.send(record.model or "-", method, target, headers, body)
     except BadGateway as error:
         if error.code == "upstream_auth_failed":
             state.alarms.begin(
@@ -169,12 +176,16 @@ def _backoff(attempt: int) -> float:
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, record: RequestRecord
+    request: web.Request, upstream: aiohttp.ClientResponse, record: RequestRecord, cap: int
 ) -> web.StreamResponse:
-    """Stream the upstream's answer to the client as it arrives."""
+    """Stream the upstream's answer to the client as it arrives.
+
+    An SSE stream may run as long as it likes; any other body is cut off past ``cap`` bytes.
+    """
     loop = asyncio.get_running_loop()
     started = loop.time() - (record.upstream_s or 0.0)  # when the request went upstream
     content_type = upstream.headers.get("Content-Type", "")
+    sse = content_type.startswith("text/event-stream")
     sniffer = UsageSniffer(content_type, upstream.headers.get("Content-Encoding", ""))
     response = web.StreamResponse(
         status=upstream.status,
@@ -195,6 +206,14 @@ async def _relay(
                 break
             if not chunk:
                 break
+            if sse:
+                record.events += chunk.count(b"data:")
+            elif record.bytes_out + len(chunk) > cap:
+                record.error = "upstream_response_too_large"
+                log.warning(
+                    "upstream answer larger than upstream.max_response_size; cut off", cap=cap
+                )
+                break
             sniffer.feed(chunk)
             # A client that went away raises ConnectionError here; the middleware logs it.
             await response.write(chunk)
@@ -204,17 +223,17 @@ async def _relay(
         record.usage = sniffer.usage()
         record.upstream_s = loop.time() - started
     if record.error:
-        await _cut(request, response, content_type, record)
+        await _cut(request, response, sse, record)
     else:
         await response.write_eof()
     return response
 
 
 async def _cut(
-    request: web.Request, response: web.StreamResponse, content_type: str, record: RequestRecord
+    request: web.Request, response: web.StreamResponse, sse: bool, record: RequestRecord
 ) -> None:
     """End a relay the upstream broke off, so the client can tell it is incomplete."""
-    if content_type.startswith("text/event-stream") and response.prepared:
+    if sse and response.prepared:
         # An SSE client gets an error event it can act on, then a clean end without [DONE].
         event = {
             "error": {

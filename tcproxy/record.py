@@ -19,6 +19,7 @@ class RequestRecord:
         "bytes_out",
         "client",
         "error",
+        "events",
         "method",
         "model",
         "path",
@@ -51,6 +52,7 @@ class RequestRecord:
         self.retries = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.events = 0  # SSE data events relayed (a stream cut short still shows its progress)
         self.usage: Usage | None = None
 
     def fields(self) -> dict[str, Any]:
@@ -69,6 +71,7 @@ class RequestRecord:
         }
         if self.stream:
             fields["stream"] = True
+            fields["stream_events"] = self.events
         if self.error:
             fields["error"] = self.error
         if self.upstream_status is not None and self.upstream_status != self.status:

@@ -68,6 +68,7 @@ class State:
             "upstream_reachable": None if upstream is None else upstream.reachable,
             "upstream_failures": {} if upstream is None else dict(upstream.failures),
             "pacing": self.limiter.mode,
+            "open_circuits": {} if upstream is None else upstream.open_circuits(),
             "alarms": self.alarms.active(),
             "models": self.limiter.snapshot(),
         }

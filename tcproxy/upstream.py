@@ -24,6 +24,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from tcproxy.breaker import Breaker
 from tcproxy.config.model import UpstreamConfig
 from tcproxy.errors import BadGateway, GatewayTimeout, ProxyError
 
@@ -41,6 +42,11 @@ def make_session() -> aiohttp.ClientSession:
     )
 
 
+_MAX_BREAKERS = 1000
+# Answers that say nothing about the upstream's health: its token check and a redirect.
+_NOT_A_FAILURE = frozenset({"upstream_auth_failed", "upstream_redirect"})
+
+
 def _timeout(config: UpstreamConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
         total=None, connect=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
@@ -54,7 +60,19 @@ class Upstream:
         self._session = session
         self.failures: Counter[str] = Counter()  # by error code, for /-/status and /metrics
         self.reachable: bool | None = None  # None: not tried yet
+        self._breakers: dict[str, Breaker] = {}
         self.configure(config)
+
+    def breaker(self, model: str) -> Breaker:
+        breaker = self._breakers.get(model)
+        if breaker is None:
+            if len(self._breakers) >= _MAX_BREAKERS:  # model names come from clients
+                self._breakers = {m: b for m, b in self._breakers.items() if b.state != "closed"}
+            breaker = self._breakers[model] = Breaker(model)
+        return breaker
+
+    def open_circuits(self) -> dict[str, str]:
+        return {m: b.state for m, b in self._breakers.items() if b.state != "closed"}
 
     def configure(self, config: UpstreamConfig) -> None:
         """Use a reloaded config for the requests that follow."""
@@ -62,14 +80,22 @@ class Upstream:
         self._timeout = _timeout(config)
 
     async def send(
-        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
+        self, model: str, method: str, target: str, headers: CIMultiDict[str], body: bytes
     ) -> aiohttp.ClientResponse:
         """The upstream's response with headers read and the body still to come."""
+        breaker = self.breaker(model)
+        breaker.check(send=True)
         try:
             response = await self._answer(method, target, headers, body)
         except ProxyError as error:
             self.failures[error.code] += 1
+            if error.code not in _NOT_A_FAILURE:
+                breaker.failed(self.config.circuit_breaker)
             raise
+        if response.status >= 500:
+            breaker.failed(self.config.circuit_breaker)
+        else:
+            breaker.succeeded()
         return response
 
     async def _answer(
@@ -85,7 +111,7 @@ class Upstream:
                 allow_redirects=False,
                 timeout=self._timeout,
             )
-        except aiohttp.ServerTimeoutError:
+        except aiohttp.SocketTimeoutError:
             raise GatewayTimeout(
                 "upstream_timeout",
                 f"the upstream did not answer within {self.config.read_timeout:g}s"

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from tcproxy.config.model import (
+    BreakerConfig,
     ClientConfig,
     Config,
     LedgerConfig,
@@ -310,7 +311,25 @@ class _Reader:
     def _upstream(self, tree: Any, d: UpstreamConfig) -> UpstreamConfig:
         p: KeyPath = ("upstream",)
         s = self.section(
-            tree, p, {"base_url", "token_env", "token_file", "connect_timeout", "read_timeout"}
+            tree,
+            p,
+            {
+                "base_url",
+                "token_env",
+                "token_file",
+                "connect_timeout",
+                "read_timeout",
+                "max_response_size",
+                "circuit_breaker",
+            },
+        )
+        b = self.section(
+            s.get("circuit_breaker"), (*p, "circuit_breaker"), {"failures", "cooldown"}
+        )
+        bp: KeyPath = (*p, "circuit_breaker")
+        breaker = BreakerConfig(
+            failures=self.take(b, bp, "failures", _count, d.circuit_breaker.failures),
+            cooldown=self.take(b, bp, "cooldown", _seconds, d.circuit_breaker.cooldown),
         )
         return UpstreamConfig(
             base_url=self.take(s, p, "base_url", _base_url, d.base_url),
@@ -318,6 +337,8 @@ class _Reader:
             token_file=self.take(s, p, "token_file", _optional(_nonempty_text), d.token_file),
             connect_timeout=self.take(s, p, "connect_timeout", _seconds, d.connect_timeout),
             read_timeout=self.take(s, p, "read_timeout", _seconds, d.read_timeout),
+            max_response_size=self.take(s, p, "max_response_size", _size, d.max_response_size),
+            circuit_breaker=breaker,
         )
 
     def _limits(self, tree: Any, d: LimitsConfig) -> LimitsConfig:

@@ -66,6 +66,16 @@ class ListenConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """After ``failures`` upstream failures in a row (5xx answers, connections that fail) for a
+    model, its requests fail fast with 503 for ``cooldown`` seconds; then one is let through to
+    try again. ``failures: 0`` turns this off."""
+
+    failures: int = 5
+    cooldown: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     base_url: str = "https://api.tokencheap.com"
     token_env: str = "TOKENCHEAP_API_KEY"
@@ -74,6 +84,9 @@ class UpstreamConfig:
     # Longest silence allowed while waiting for the upstream's next bytes. There is no total
     # timeout: a stream may legitimately run for many minutes.
     read_timeout: float = 600.0
+    # A non-streamed answer larger than this is cut off (streams are not capped).
+    max_response_size: int = 64 * MiB
+    circuit_breaker: BreakerConfig = BreakerConfig()
 
 
 @dataclass(frozen=True, slots=True)
