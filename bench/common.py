@@ -11,7 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.processes import Process, free_port
 
-__all__ = ["Process", "free_port", "percentile", "rss_mib", "start_emulator", "start_proxy"]
+__all__ = [
+    "Process",
+    "free_port",
+    "peak_rss_mib",
+    "percentile",
+    "rss_mib",
+    "start_emulator",
+    "start_proxy",
+]
 
 
 def percentile(values: list[float], q: float) -> float:

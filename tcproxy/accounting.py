@@ -8,10 +8,11 @@ side, bounded, so a compressed answer is counted too.
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 _JSON_CAP = 4 * 1024 * 1024  # bigger JSON answers are relayed but not counted
 _SSE_TAIL = 64 * 1024
@@ -89,7 +90,7 @@ class UsageSniffer:
             return None
         if not self._sse:
             try:
-                return Usage.from_json(json.loads(self._buffer).get("usage"))
+                return Usage.from_json(orjson.loads(self._buffer).get("usage"))
             except (ValueError, AttributeError):
                 return None
         # Walk the events from the end: the last one with usage wins.
@@ -102,7 +103,7 @@ class UsageSniffer:
                 if not data.startswith(b"{") or b'"usage"' not in data:
                     continue
                 try:
-                    usage = Usage.from_json(json.loads(data).get("usage"))
+                    usage = Usage.from_json(orjson.loads(data).get("usage"))
                 except (ValueError, AttributeError):
                     continue
                 if usage is not None:

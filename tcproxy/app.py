@@ -18,7 +18,7 @@ from tcproxy.clients import ClientTable
 from tcproxy.config import Config, Secret
 from tcproxy.ledger import Ledger
 from tcproxy.metrics import METRICS, Metrics
-from tcproxy.pacing import Limiter, RedisBackend
+from tcproxy.pacing import Limiter
 from tcproxy.quotas import Budgets
 from tcproxy.state import STATE, State
 from tcproxy.upstream import Upstream, make_session
@@ -54,7 +54,7 @@ def build_app(
     )
     if log_lines_lost is not None:
         state.log_lines_lost = log_lines_lost
-    metrics = app[METRICS] = Metrics(state.snapshot, lambda: set(state.config.limits.models))
+    metrics = app[METRICS] = Metrics(state.snapshot, lambda: state.config.limits.models)
     state.observers += [metrics.observe, state.count_usage]
     if state.ledger is not None:
         state.observers.append(state.ledger.record)
@@ -63,12 +63,11 @@ def build_app(
         app.cleanup_ctx.append(_shared_pacing)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_limiter)
-    app.on_response_prepare.append(middleware.stamp_headers)
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     app.router.add_get("/-/healthy", manage.healthy)
     app.router.add_get("/-/ready", manage.ready)
     app.router.add_get("/-/status", manage.status)
     app.router.add_get("/metrics", manage.metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     return app
 
 
@@ -92,6 +91,8 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _shared_pacing(app: web.Application) -> AsyncIterator[None]:
+    from tcproxy.pacing.shared import RedisBackend  # redis-py only when Redis is configured
+
     state = app[STATE]
     limits = state.config.limits
     backend = RedisBackend(

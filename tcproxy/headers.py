@@ -7,7 +7,7 @@ client's credentials are replaced by the stored token; nothing else about auth l
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -42,23 +42,31 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return tokens
 
 
+_DROP_TOWARDS_UPSTREAM = HOP_BY_HOP | _REQUEST_OWN
+
+
 def _copy_end_to_end(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], also_drop: Iterable[istr] = ()
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[istr]
 ) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_tokens(headers) | frozenset(also_drop)
-    return CIMultiDict((name, value) for name, value in headers.items() if name not in drop)
+    if "Connection" in headers:  # rare with HTTP/1.1 clients: the names it lists go too
+        drop = drop | _connection_tokens(headers)
+    return CIMultiDict([(name, value) for name, value in headers.items() if name not in drop])
 
 
 def to_upstream(
-    headers: CIMultiDictProxy[str], authorization: str, request_id: str
+    headers: CIMultiDictProxy[str], authorization: str, request_id: str, has_body: bool
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: the client's end-to-end ones, our token, our request id."""
-    out = _copy_end_to_end(headers, _REQUEST_OWN)
+    """Headers for the upstream request: the client's end-to-end ones, our token, our request id.
+
+    Accept-Encoding and a body's Content-Type are always set here, so the client library never
+    adds defaults of its own (gzip a client did not ask for; octet-stream for a JSON body).
+    """
+    out = _copy_end_to_end(headers, _DROP_TOWARDS_UPSTREAM)
     out["Authorization"] = authorization
     out["X-Request-Id"] = request_id
-    accepted = accept_encoding(headers.get("Accept-Encoding", ""))
-    if accepted:
-        out["Accept-Encoding"] = accepted
+    out["Accept-Encoding"] = accept_encoding(headers.get("Accept-Encoding", "")) or "identity"
+    if has_body and "Content-Type" not in out:
+        out["Content-Type"] = "application/json"  # a body that reached here parsed as JSON
     return out
 
 
@@ -68,9 +76,10 @@ def from_upstream(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     Content-Length stays: the body is relayed byte for byte, encoding included, so the length
     the upstream announced is the length the client receives.
     """
-    return _copy_end_to_end(headers)
+    return _copy_end_to_end(headers, HOP_BY_HOP)
 
 
+@functools.lru_cache(maxsize=256)  # clients send the same few values again and again
 def accept_encoding(client_value: str) -> str:
     """The client's Accept-Encoding narrowed to encodings we can read for usage accounting.
 

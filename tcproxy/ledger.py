@@ -1,8 +1,8 @@
 """The usage ledger: one SQLite row per finished request, written off the event loop.
 
-The request path only appends a tuple to a queue. A writer thread owns the SQLite connection
-and commits what is queued in batches (every half second, or sooner when many are waiting), in
-WAL mode so ``tcproxy usage`` can read while the service writes. ``close()`` writes everything
+The request path only appends a tuple to a deque. A writer thread (``batching``) commits what
+piled up every half second in one transaction, in WAL mode so ``tcproxy usage`` can read while
+the service writes. ``close()`` writes everything
 still queued before it returns: nothing is lost on a clean shutdown. If the disk cannot keep up
 and the queue fills, rows are counted as lost and an error is logged, rather than letting memory
 grow or a request wait.
@@ -13,15 +13,15 @@ tokens, how long.
 
 from __future__ import annotations
 
-import queue
+import functools
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from tcproxy.batching import BatchWriter
 from tcproxy.quotas import day_start, month_start
 from tcproxy.record import RequestRecord
 
@@ -48,12 +48,16 @@ CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 PRAGMA user_version = 1;
 """
 
-_INSERT = "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ROWS_PER_INSERT = 256  # a power of two; 3,584 parameters, well under SQLite's 32,766
 _BATCH_SECONDS = 0.5
-_BATCH_ROWS = 1000
 _MAX_QUEUED = 200_000
 
 Row = tuple[Any, ...]
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    return "INSERT INTO requests VALUES " + ",".join(["(" + ",".join("?" * 14) + ")"] * rows)
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -90,15 +94,15 @@ def row(record: RequestRecord, ended: float) -> Row:
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._queue: queue.Queue[Row | None] = queue.Queue(maxsize=_MAX_QUEUED)
-        self._thread: threading.Thread | None = None
+        self._writer: BatchWriter[Row] | None = None
+        self._connection: sqlite3.Connection | None = None
         self.written = 0
         self.lost = 0
 
     def open(self) -> tuple[dict[str, int], dict[str, int]]:
         """Create the file if needed, start the writer; returns tokens used per client today
         and this month (UTC), for the budgets. Blocking: call it in a thread."""
-        connection = connect(self.path)
+        connection = self._connection = connect(self.path)
         now = time.time()
         totals = []
         for since in (day_start(now), month_start(now)):
@@ -107,65 +111,42 @@ class Ledger:
                 (since,),
             )
             totals.append({client: int(total or 0) for client, total in cursor})
-        self._thread = threading.Thread(
-            target=self._write, args=(connection,), name="tcproxy-ledger", daemon=True
+        self._writer = BatchWriter(
+            self._commit, interval=_BATCH_SECONDS, max_pending=_MAX_QUEUED, name="tcproxy-ledger"
         )
-        self._thread.start()
         return totals[0], totals[1]
 
     def record(self, record: RequestRecord) -> None:
         """Queue a finished request (never blocks)."""
-        if not record.path.startswith("/v1/"):
+        if self._writer is None or not record.path.startswith("/v1/"):
             return
-        try:
-            self._queue.put_nowait(row(record, time.time()))
-        except queue.Full:
+        if not self._writer.put(row(record, time.time())):
             self.lost += 1
             if self.lost == 1 or self.lost % 10_000 == 0:
                 log.error("usage ledger cannot keep up; rows are being lost", lost=self.lost)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything queued, then stop. Blocking: call it in a thread."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("usage ledger did not finish writing in time", queued=self._queue.qsize())
-        self._thread = None
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.close(timeout):
+            log.error("usage ledger did not finish writing in time", queued=writer.pending)
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
-    def _write(self, connection: sqlite3.Connection) -> None:
-        stop = False
+    def _commit(self, batch: list[Row]) -> None:
+        assert self._connection is not None
         try:
-            while not stop:
-                batch: list[Row] = []
-                deadline = time.monotonic() + _BATCH_SECONDS
-                while len(batch) < _BATCH_ROWS:
-                    try:
-                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        # Whatever arrived before the stop marker is written too.
-                        while True:
-                            try:
-                                rest = self._queue.get_nowait()
-                            except queue.Empty:
-                                break
-                            if rest is not None:
-                                batch.append(rest)
-                        break
-                    batch.append(item)
-                if batch:
-                    self._commit(connection, batch)
-        finally:
-            connection.close()
-
-    def _commit(self, connection: sqlite3.Connection, batch: list[Row]) -> None:
-        try:
-            with connection:
-                connection.executemany(_INSERT, batch)
+            with self._connection:
+                # Many rows per statement: executemany releases and retakes the GIL for every
+                # row, and each of those hand-overs steals time from the event loop. Chunks
+                # are powers of two, so SQLite's statement cache holds a handful of statements.
+                start = 0
+                while start < len(batch):
+                    size = min(_ROWS_PER_INSERT, 1 << ((len(batch) - start).bit_length() - 1))
+                    rows = batch[start : start + size]
+                    self._connection.execute(_insert(size), [v for r in rows for v in r])
+                    start += size
             self.written += len(batch)
         except sqlite3.Error as exc:
             self.lost += len(batch)

@@ -10,8 +10,8 @@ and hands the record to whoever counts (``State.observers``: metrics, the usage 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
-import uuid
 
 import structlog
 from aiohttp import web
@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 from tcproxy.access import check_network
 from tcproxy.errors import ProxyError, for_status
+from tcproxy.log import enabled
 from tcproxy.record import RECORD, RequestRecord
 from tcproxy.state import STATE
 
@@ -37,15 +38,17 @@ _NOT_FOUND = (
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if given and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
     record = RequestRecord(request_id, request.method, request.path, loop.time())
     request[RECORD] = record
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
-        check_network(request, request.app[STATE].config.listen.allow)
+        allow = request.app[STATE].config.listen.allow
+        if allow:
+            check_network(request, allow)
         response = await handler(request)
         record.status = response.status
+        if not response.prepared:  # a relayed answer was stamped before it started
+            record.stamp(response)
         return response
     except ProxyError as exc:
         return _error_response(record, exc)
@@ -68,6 +71,7 @@ def _error_response(record: RequestRecord, error: ProxyError) -> web.Response:
     record.status = error.status
     record.error = error.code
     response = web.json_response(error.body(), status=error.status, headers=error.headers())
+    record.stamp(response)
     if error.status in (408, 413) or error.code == "bad_path":
         # The rest of the body may still be on the wire: do not read it, close.
         response.force_close()
@@ -91,18 +95,9 @@ def _finish(request: web.Request, record: RequestRecord) -> None:
     state = request.app[STATE]
     for observer in state.observers:
         observer(record)
-    fields = record.fields()
     if record.path.startswith("/-/") or record.path == "/metrics":
-        log.debug("request", **fields)
-    elif record.status >= 500:
-        log.warning("request", **fields)
+        level = "debug"
     else:
-        log.info("request", **fields)
-
-
-async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response says which request it answers and how long it queued."""
-    record = request.get(RECORD)
-    if record is not None:
-        response.headers["X-Request-Id"] = record.request_id
-        response.headers["X-TCProxy-Queue-Ms"] = str(round(record.queue_s * 1000))
+        level = "warning" if record.status >= 500 else "info"
+    if enabled(level):
+        getattr(log, level)("request", **record.fields())

@@ -54,12 +54,21 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record.model, record.stream = find_model(request.method, body)
     if client is not None and record.model is not None:
         state.budgets.check(client)  # a spent budget costs nothing upstream
-    headers = hdrs.to_upstream(request.headers, state.authorization(), record.request_id)
+    response = await _send(request, state, record, client, target, body)
+    return await _relay(request, response, record, state.config.upstream.max_response_size)
+
+
+def _upstream_headers(
+    request: web.Request, state: State, record: RequestRecord, body: bytes
+) -> CIMultiDict[str]:
+    """Built once the request's slot has come: a request waiting in the queue holds no copy."""
+    headers = hdrs.to_upstream(
+        request.headers, state.authorization(), record.request_id, has_body=bool(body)
+    )
     if body:
         # aiohttp inflated a compressed request body; it goes upstream as plain bytes.
         headers.popall("Content-Encoding", None)
-    response = await _send(request, state, record, client, target, headers, body)
-    return await _relay(request, response, record, state.config.upstream.max_response_size)
+    return headers
 
 
 async def _send(
@@ -68,11 +77,11 @@ async def _send(
     record: RequestRecord,
     client: ClientConfig | None,
     target: str,
-    headers: CIMultiDict[str],
     body: bytes,
 ) -> aiohttp.ClientResponse:
     loop = asyncio.get_running_loop()
     if record.model is None:  # no model, no documented limit: straight through
+        headers = _upstream_headers(request, state, record, body)
         started = loop.time()
         response = await _upstream_answer(state, record, request.method, target, headers, body)
         record.upstream_s = loop.time() - started
@@ -89,14 +98,17 @@ async def _send(
             await capped.wait_turn(record.client, deadline - waited_from)
     finally:
         record.queue_s += loop.time() - waited_from
+    prepared: CIMultiDict[str] | None = None
     while True:
         waited_from = loop.time()
         try:
             await queue.wait_turn(record.client, deadline - waited_from, front=record.retries > 0)
         finally:
             record.queue_s += loop.time() - waited_from
+        if prepared is None:
+            prepared = _upstream_headers(request, state, record, body)
         started = loop.time()
-        response = await _upstream_answer(state, record, request.method, target, headers, body)
+        response = await _upstream_answer(state, record, request.method, target, prepared, body)
         record.upstream_s = loop.time() - started
         record.upstream_status = response.status
         if response.status != 429:
@@ -111,6 +123,7 @@ async def _send(
             return response  # the upstream's own 429, Retry-After and all
         log.info(
             "upstream refused with 429; model paused, request back at the head of its queue",
+            request_id=record.request_id,
             model=record.model,
             pause_s=round(pause, 3),
             retry=record.retries + 1,
@@ -192,6 +205,7 @@ async def _relay(
         reason=upstream.reason,
         headers=hdrs.from_upstream(upstream.headers),
     )
+    record.stamp(response)
     content = upstream.content
     try:
         await response.prepare(request)
@@ -211,7 +225,9 @@ async def _relay(
             elif record.bytes_out + len(chunk) > cap:
                 record.error = "upstream_response_too_large"
                 log.warning(
-                    "upstream answer larger than upstream.max_response_size; cut off", cap=cap
+                    "upstream answer larger than upstream.max_response_size; cut off",
+                    request_id=record.request_id,
+                    cap=cap,
                 )
                 break
             sniffer.feed(chunk)

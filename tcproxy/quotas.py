@@ -41,14 +41,14 @@ def _next_month(at: float) -> float:
 class Budgets:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self._day = self._month = 0.0  # starts of the periods the counts below belong to
+        # The periods the counts below belong to, as [start, end) in unix time.
+        self._day = self._day_end = self._month = self._month_end = 0.0
         self._used_today: dict[str, int] = {}
         self._used_this_month: dict[str, int] = {}
 
     def load(self, today: Mapping[str, int], this_month: Mapping[str, int]) -> None:
         """Start from what the ledger says was used in the current day and month."""
-        now = self.clock()
-        self._day, self._month = day_start(now), month_start(now)
+        self._roll(self.clock())
         self._used_today = dict(today)
         self._used_this_month = dict(this_month)
 
@@ -83,12 +83,12 @@ class Budgets:
             )  # fmt: skip
 
     def _roll(self, now: float) -> None:
-        if now >= self._day + 86400 or now < self._day:
-            self._day = day_start(now)
+        # Two comparisons on the request path; calendar arithmetic only when a period ends.
+        if not self._day <= now < self._day_end:
+            self._day, self._day_end = day_start(now), _next_day(now)
             self._used_today.clear()
-        month = month_start(now)
-        if month != self._month:
-            self._month = month
+        if not self._month <= now < self._month_end:
+            self._month, self._month_end = month_start(now), _next_month(now)
             self._used_this_month.clear()
 
 

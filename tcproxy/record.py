@@ -55,6 +55,11 @@ class RequestRecord:
         self.events = 0  # SSE data events relayed (a stream cut short still shows its progress)
         self.usage: Usage | None = None
 
+    def stamp(self, response: web.StreamResponse) -> None:
+        """Every response says which request it answers and how long that waited for its slot."""
+        response.headers["X-Request-Id"] = self.request_id
+        response.headers["X-TCProxy-Queue-Ms"] = str(round(self.queue_s * 1000))
+
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "request_id": self.request_id,

@@ -37,8 +37,6 @@ def make_session() -> aiohttp.ClientSession:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
-        # Sent only if the client sent them: we do not invent an encoding or a content type.
-        skip_auto_headers=("Accept-Encoding", "Content-Type"),
     )
 
 

@@ -11,14 +11,16 @@ rpm-capped client), follows config reloads, and reports their state.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tcproxy.config.model import ClientConfig, LimitsConfig, ModelLimit
 from tcproxy.pacing.pacer import MINUTE, Pacer
 from tcproxy.pacing.queue import ModelQueue, SlotSource
-from tcproxy.pacing.shared import RedisBackend, RedisPacer
 
-__all__ = ["Limiter", "ModelQueue", "Pacer", "RedisBackend"]
+if TYPE_CHECKING:  # redis-py is imported only when Redis is configured (it costs 6 MiB)
+    from tcproxy.pacing.shared import RedisBackend
+
+__all__ = ["Limiter", "ModelQueue", "Pacer"]
 
 # Models not in the config each get a queue of their own on first use. Past this many, idle
 # ones are forgotten, so a client inventing model names cannot grow memory without bound.
@@ -57,6 +59,8 @@ class Limiter:
             limit, margin = self._limits.for_model(model), self._limits.safety_margin
             pacer: SlotSource
             if self.backend is not None:
+                from tcproxy.pacing.shared import RedisPacer
+
                 pacer = RedisPacer(self.backend, model, limit, margin, self.window)
             else:
                 pacer = Pacer(limit, margin, self.window)

@@ -38,6 +38,52 @@ from tcproxy.config.model import ModelLimit
 MINUTE = 60.0
 
 
+class ReleaseLog:
+    """When recent releases happened, in memory that stays small however high the rate.
+
+    Releases closer together than ``GRAIN`` share one entry stamped with the latest of their
+    times. The log can only say a release happened *later* than it did, so every check built on
+    it errs towards waiting. At the documented limits releases are 17 ms or more apart and every
+    entry holds exactly one; at a limit set very high (a benchmark) the log still holds at most
+    ``span / GRAIN`` entries instead of one per request.
+    """
+
+    GRAIN = 0.005
+
+    __slots__ = ("_entries", "count")
+
+    def __init__(self) -> None:
+        self._entries: deque[list[float]] = deque()  # [time, releases], oldest first
+        self.count = 0
+
+    def add(self, at: float) -> None:
+        entries = self._entries
+        if entries and at - entries[-1][0] < self.GRAIN:
+            last = entries[-1]
+            last[0] = at
+            last[1] += 1
+        else:
+            entries.append([at, 1])
+        self.count += 1
+
+    def forget_until(self, cutoff: float) -> None:
+        """Drop releases at or before ``cutoff``."""
+        entries = self._entries
+        while entries and entries[0][0] <= cutoff:
+            self.count -= int(entries.popleft()[1])
+
+    def time_of(self, index: int) -> float:
+        """(An upper bound of) the time of the ``index``-th oldest release still held."""
+        for at, releases in self._entries:
+            if index < releases:
+                return at
+            index -= int(releases)
+        raise IndexError(index)
+
+    def since(self, cutoff: float) -> int:
+        return int(sum(releases for at, releases in self._entries if at > cutoff))
+
+
 def bucket_shape(limit: ModelLimit, margin: float, window: float = MINUTE) -> tuple[float, float]:
     """(capacity, period) of the leaky bucket that paces ``limit``; see rule 2 above."""
     interval = window / limit.rpm
@@ -68,7 +114,7 @@ class Pacer:
     )
 
     def __init__(self, limit: ModelLimit, margin: float, window: float = MINUTE) -> None:
-        self._recent: deque[float] = deque()
+        self._recent = ReleaseLog()
         self._changed = asyncio.Event()
         self._precharge = False
         self.paused_until = 0.0
@@ -127,24 +173,21 @@ class Pacer:
                     await bucket.acquire(bucket.max_rate)
                 holding = await self._bucket_slot(bucket)
                 continue  # the bucket may have made us wait: check the window and pause again
-            self._recent.append(loop.time())
+            self._recent.add(loop.time())
             return
 
     def releases_within(self, now: float, seconds: float) -> int:
         """How many slots were granted in the last ``seconds`` (at most window + margin)."""
-        cutoff = now - seconds
-        return sum(1 for t in self._recent if t > cutoff)
+        return self._recent.since(now - seconds)
 
     def _blocked_for(self, now: float) -> float:
         """Seconds until the window log and any pause allow a release (<= 0: allowed now)."""
         recent = self._recent
-        cutoff = now - self._span
-        while recent and recent[0] <= cutoff:
-            recent.popleft()
+        recent.forget_until(now - self._span)
         wait = self.paused_until - now
-        excess = len(recent) - self._limit.rpm
+        excess = recent.count - self._limit.rpm
         if excess >= 0:
-            wait = max(wait, recent[excess] + self._span - now)
+            wait = max(wait, recent.time_of(excess) + self._span - now)
         return wait
 
     async def _bucket_slot(self, bucket: AsyncLimiter) -> bool:
@@ -175,4 +218,4 @@ class Pacer:
     def is_idle(self, now: float) -> bool:
         """Nothing granted within the window and no pause: forgetting this pacer loses nothing."""
         self._blocked_for(now)
-        return not self._recent and self.paused_until <= now
+        return not self._recent.count and self.paused_until <= now

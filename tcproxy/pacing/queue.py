@@ -115,18 +115,23 @@ class ModelQueue:
         self._push(client, key, waiter, front)
         if self._dispatcher is None:
             self._dispatcher = loop.create_task(self._dispatch(), name=f"dispatch:{self.model}")
+        # A bare timer, not asyncio.timeout(): with 10,000 waiting, each byte per waiter counts.
+        expiry = loop.call_at(start + timeout, self._expire, waiter.future)
         try:
-            async with asyncio.timeout(timeout):
-                await waiter.future
-        except TimeoutError:
-            if not _granted(waiter.future):
-                raise self._timed_out() from None
+            await waiter.future
         except asyncio.CancelledError:
             if _granted(waiter.future):
                 self._grant_next()  # our slot was granted as we left: pass it on
             raise
         finally:
+            expiry.cancel()
             self._remove(client, key)
+            if waiter.future.done() and not waiter.future.cancelled():
+                waiter.future.exception()  # retrieved, even if we left before it was raised
+
+    def _expire(self, future: asyncio.Future[None]) -> None:
+        if not future.done():
+            future.set_exception(self._timed_out())
 
     def _timed_out(self) -> TooManyRequests:
         return TooManyRequests(
@@ -201,4 +206,4 @@ class ModelQueue:
 
 
 def _granted(future: asyncio.Future[None]) -> bool:
-    return future.done() and not future.cancelled()
+    return future.done() and not future.cancelled() and future.exception() is None

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import hashlib
 import math
-from collections import deque
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -40,7 +39,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from tcproxy.config.model import ModelLimit
-from tcproxy.pacing.pacer import MINUTE, Pacer, bucket_shape
+from tcproxy.pacing.pacer import MINUTE, Pacer, ReleaseLog, bucket_shape
 
 log = structlog.get_logger("tcproxy.pacing")
 
@@ -219,7 +218,7 @@ class RedisPacer:
     ) -> None:
         self._backend = backend
         self._keys = backend.keys(model)
-        self._recent: deque[float] = deque()
+        self._recent = ReleaseLog()  # this instance's releases, for /-/status
         self.paused_until = 0.0
         self._local = Pacer(self._share(limit), margin, window)
         self._configure(limit, margin, window)
@@ -284,14 +283,11 @@ class RedisPacer:
             asyncio.get_running_loop().create_task(self._backend.pause(self._keys, seconds))
 
     def _note(self, at: float) -> None:
-        self._recent.append(at)
-        cutoff = at - self._args[2]
-        while self._recent and self._recent[0] <= cutoff:
-            self._recent.popleft()
+        self._recent.add(at)
+        self._recent.forget_until(at - self._args[2])
 
     def releases_within(self, now: float, seconds: float) -> int:
-        cutoff = now - seconds
-        return sum(1 for t in self._recent if t > cutoff)
+        return self._recent.since(now - seconds)
 
     def is_idle(self, now: float) -> bool:
         return not self.releases_within(now, float(self._args[2])) and self.paused_until <= now
