@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 from common import free_port, peak_rss_mib
@@ -54,7 +55,10 @@ def pinned(core: int | None, argv: list[str]) -> list[str]:
 async def spawn(
     argv: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> asyncio.subprocess.Process:
-    out = open(log, "ab") if log else asyncio.subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+    if log is None:
+        out: int | IO[bytes] = asyncio.subprocess.DEVNULL
+    else:
+        out = log.open("ab")  # noqa: ASYNC230, SIM115 - a moment at start-up; the child owns it
     return await asyncio.create_subprocess_exec(
         *argv, stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
@@ -240,11 +244,12 @@ async def main(runs: int, seconds: float, connections: int) -> None:
                 url, process = await start_target(name, upstream, folder, proxy_core)
                 target = url + "/v1/completions"
                 try:
-                    load = (
-                        (lambda c: wrk(target, c, seconds, script, other_core))
-                        if use_wrk
-                        else (lambda c: python_load(target, c, seconds))
-                    )
+
+                    async def load(c: int, target: str = target) -> tuple[float, float]:
+                        if use_wrk:
+                            return await wrk(target, c, seconds, script, other_core)
+                        return await python_load(target, c, seconds)
+
                     await load(8)  # warm up
                     rate, _ = await load(connections)
                     _, p50 = await load(1)
@@ -259,7 +264,8 @@ async def main(runs: int, seconds: float, connections: int) -> None:
                 f.ttfb.append(ttfb)
                 f.rss.append(rss)
                 print(
-                    f"  run {run + 1} {name:<17} {rate:8.0f} req/s  p50 {p50:6.3f} ms  first byte {ttfb:6.3f} ms  peak RSS {rss:5.1f} MiB",
+                    f"  run {run + 1} {name:<17} {rate:8.0f} req/s  p50 {p50:6.3f} ms"
+                    f"  first byte {ttfb:6.3f} ms  peak RSS {rss:5.1f} MiB",
                     flush=True,
                 )
     finally:
@@ -277,8 +283,8 @@ def report(figures: dict[str, Figures], connections: int) -> None:
     bare_added = bare["p50"] - direct["p50"]
     bare_ttfb = bare["ttfb"] - direct["ttfb"]
     print(
-        f"\n{'target':<17} {f'req/s @{connections}':>11} {'vs bare':>8} {'added p50 @1':>13} {'vs bare':>8}"
-        f" {'peak RSS':>9} {'stream 1st byte +':>18}"
+        f"\n{'target':<17} {f'req/s @{connections}':>11} {'vs bare':>8} {'added p50 @1':>13}"
+        f" {'vs bare':>8} {'peak RSS':>9} {'stream 1st byte +':>18}"
     )
     for name, m in med.items():
         added = m["p50"] - direct["p50"]
