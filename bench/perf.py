@@ -58,7 +58,7 @@ async def spawn(
     if log is None:
         out: int | IO[bytes] = asyncio.subprocess.DEVNULL
     else:
-        out = log.open("ab")  # noqa: ASYNC230, SIM115 - a moment at start-up; the child owns it
+        out = log.open("ab")  # the child process owns it from here
     return await asyncio.create_subprocess_exec(
         *argv, stdout=out, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
