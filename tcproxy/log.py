@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -68,12 +69,15 @@ class LineSink:
             self.lost += len(lines)
 
     def _loss_report(self) -> str:
-        report = (
-            f'{{"event": "log lines lost", "level": "error", "dropped": {self.dropped},'
-            f' "failed": {self.failed}}}'
-        )
+        report = {
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "level": "error",
+            "event": "log lines lost",
+            "dropped": self.dropped,
+            "failed": self.failed,
+        }
         self.dropped = self.failed = 0
-        return report
+        return orjson.dumps(report).decode()
 
 
 class _SinkLogger:

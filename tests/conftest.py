@@ -31,6 +31,36 @@ from tcproxy.state import STATE, State
 
 # Distinctive, so a search of everything written finds it if it ever leaks.
 UPSTREAM_TOKEN = "tc-UPSTREAM-secret-5f0c2a9e77d14b6c"
+# Every secret a test hands to a proxy (client keys add themselves): none may ever come back out.
+SECRETS: set[str] = {UPSTREAM_TOKEN}
+
+
+class Witness:
+    """Everything a test's proxies said: every answer their clients read, their logs, their
+    /metrics and /-/status. ``assert_no_secrets`` searches all of it."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def trace_config(self) -> aiohttp.TraceConfig:
+        config = aiohttp.TraceConfig()
+
+        async def on_end(session: Any, context: Any, params: aiohttp.TraceRequestEndParams) -> None:
+            self.seen.append(str(params.response.headers))
+
+        async def on_chunk(session: Any, context: Any, params: Any) -> None:
+            self.seen.append(params.chunk.decode("utf-8", "replace"))
+
+        config.on_request_end.append(on_end)
+        config.on_response_chunk_received.append(on_chunk)
+        return config
+
+    def assert_no_secrets(self, *more: str) -> None:
+        from tests import rawhttp
+
+        everything = "\n".join([*self.seen, *rawhttp.RECEIVED, *more])
+        for secret in SECRETS:
+            assert secret not in everything, "a secret appeared in what the proxy wrote"
 
 
 class LogBuffer(io.TextIOBase):
@@ -156,9 +186,17 @@ def proxy_config(base_url: str, extra: str = "") -> Config:
 
 
 @pytest.fixture
-async def stack() -> AsyncIterator[StackFactory]:
-    """Start an emulator and a proxy in front of it; ``config`` is extra YAML for the proxy."""
+async def stack(logs: Logs) -> AsyncIterator[StackFactory]:
+    """Start an emulator and a proxy in front of it; ``config`` is extra YAML for the proxy.
+
+    When the test ends, everything its proxies wrote and answered is searched for secrets.
+    """
+    from tests import rawhttp
+
     opened: list[Any] = []
+    proxies: list[Listening] = []
+    witness = Witness()
+    rawhttp.RECEIVED.clear()
 
     async def make(
         config: str = "",
@@ -182,10 +220,21 @@ async def stack() -> AsyncIterator[StackFactory]:
             clock=clock,
         )
         opened.append(proxy)
-        session = aiohttp.ClientSession()
+        proxies.append(proxy)
+        session = aiohttp.ClientSession(trace_configs=[witness.trace_config()])
         opened.append(session)
         return Stack(proxy, upstream, session)
 
     yield make
+    if proxies:
+        async with aiohttp.ClientSession(trace_configs=[witness.trace_config()]) as session:
+            for proxy in proxies:
+                for path in ("/metrics", "/-/status"):
+                    try:
+                        async with session.get(proxy.url + path, ssl=False) as response:
+                            await response.read()
+                    except aiohttp.ClientError:
+                        pass  # a test that stopped its proxy already
     for item in reversed(opened):
         await item.close()
+    witness.assert_no_secrets(logs.text())

@@ -27,20 +27,27 @@ class Process:
         self.stdout = b""
         self.stderr = b""
 
-    @classmethod
-    async def start(cls, args: Sequence[str], env: Mapping[str, str] | None = None) -> Process:
+    @staticmethod
+    def argv(args: Sequence[str]) -> list[str]:
+        return [sys.executable, "-m", "tcproxy", *args]
+
+    @staticmethod
+    def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
         inherited = {
             k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")
         }
         # Default state (the usage ledger) goes to a throwaway folder, not the user's home.
         inherited["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="tcproxy-state-")
-        full_env = {**inherited, **(env or {})}
+        return {**inherited, **(env or {})}
+
+    @classmethod
+    async def start(cls, args: Sequence[str], env: Mapping[str, str] | None = None) -> Process:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tcproxy", *args,
+            *cls.argv(args),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=full_env,
-        )  # fmt: skip
+            env=cls.environment(env),
+        )
         return cls(proc)
 
     async def wait_healthy(self, url: str, timeout: float = 15.0) -> None:
@@ -64,8 +71,8 @@ class Process:
 
     async def finish(self, timeout: float = 30.0) -> int:
         out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
-        self.stdout += out
-        self.stderr += err
+        self.stdout += out or b""  # None when the output went to a file
+        self.stderr += err or b""
         assert self.proc.returncode is not None
         return self.proc.returncode
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+# Every response read here, for the secret search at the end of each test.
+RECEIVED: list[str] = []
+
 
 async def raw_request(
     port: int, head: str, body: bytes = b"", *, timeout: float = 10.0
@@ -47,4 +50,5 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
             await reader.readline()
     else:
         body = await reader.read()
+    RECEIVED.append(f"{status} {headers} {body.decode('utf-8', 'replace')}")
     return status, headers, body

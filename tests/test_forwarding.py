@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import shutil
 import time
@@ -169,54 +168,3 @@ async def test_every_response_carries_request_id_and_queue_ms(stack):
     ):
         assert len(response.headers["X-Request-Id"]) >= 16
         assert response.headers["X-TCProxy-Queue-Ms"].isdigit()
-
-
-async def test_upstream_statuses_and_bodies_pass_through(stack):
-    s = await stack()
-    for fault, status in (("payment", 402), ("status=503", 503), ("status=500", 500)):
-        response = await s.complete(headers={"X-Emulator-Fault": fault})
-        assert response.status == status
-        assert "X-TCProxy-Error" not in response.headers  # it is the upstream's answer
-        assert "error" in await response.json()
-
-
-async def test_upstream_garbage_body_is_relayed_unchanged(stack):
-    s = await stack()
-    response = await s.complete(headers={"X-Emulator-Fault": "garbage"})
-    assert response.status == 200
-    assert await response.read() == b"<html>not json at all"
-
-
-async def test_gzip_response_relayed_as_sent_and_usage_still_counted(stack, logs):
-    s = await stack()
-    response = await s.session.post(
-        f"{s.url}/v1/completions",
-        json={"model": "gpt-4", "prompt": "hi", "max_tokens": 9},
-        headers={"X-Emulator-Fault": "gzip", "Accept-Encoding": "gzip, br"},
-        auto_decompress=False,
-    )
-    raw = await response.read()
-    assert response.headers["Content-Encoding"] == "gzip"
-    assert int(response.headers["Content-Length"]) == len(raw)
-    assert json.loads(gzip.decompress(raw))["usage"]["completion_tokens"] == 9
-    assert s.emulator.seen[-1]["Accept-Encoding"] == "gzip"  # br dropped: we could not read it
-    assert (await logs.wait_requests(1))[-1]["completion_tokens"] == 9
-
-
-async def test_upstream_redirect_is_never_followed(stack):
-    s = await stack()
-    response = await s.complete(headers={"X-Emulator-Fault": "redirect"})
-    assert response.status == 502
-    assert response.headers["X-TCProxy-Error"] == "upstream_redirect"
-    assert "Location" not in response.headers
-    assert s.emulator.requests == 1
-
-
-async def test_upstream_401_becomes_502_upstream_auth_failed(stack, logs):
-    s = await stack()
-    response = await s.complete(headers={"X-Emulator-Fault": "unauthorized"})
-    assert response.status == 502
-    body = await response.json()
-    assert body["error"]["code"] == "upstream_auth_failed"
-    assert "tcproxy host" in body["error"]["message"]
-    assert response.headers["X-TCProxy-Error"] == "upstream_auth_failed"

@@ -21,12 +21,13 @@ from tcproxy.clients import key_digest, new_key
 from tcproxy.config import parse_config
 from tcproxy.errors import Forbidden
 from tcproxy.quotas import day_start
-from tests.conftest import UPSTREAM_TOKEN
+from tests.conftest import SECRETS, UPSTREAM_TOKEN
 from tests.processes import Process, free_port, run
 
 ALICE, ALICE_HASH = new_key()
 BOB, BOB_HASH = new_key()
 ADMIN, ADMIN_HASH = new_key()
+SECRETS.update({ALICE, BOB, ADMIN})
 
 
 def team(extra_alice: str = "", extra_bob: str = "", more: str = "") -> str:
