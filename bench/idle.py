@@ -47,8 +47,11 @@ async def latencies(url: str, count: int = 300) -> list[float]:
 
 
 async def main(connections: int) -> None:
-    emulator, upstream = await start_emulator()
-    config = "log: {level: warning}\nserver: {keepalive_timeout: 3600}\nledger: false\n"
+    emulator, upstream = await start_emulator("--rpm", "gpt-4=1000000")
+    config = (
+        "limits: {models: {gpt-4: {rpm: 1000000}}}\nlog: {level: warning}\n"
+        "server: {keepalive_timeout: 3600}\nledger: false\n"
+    )
     proxy, url = await start_proxy(upstream, config)
     pid = proxy.proc.pid
     port = int(url.rsplit(":", 1)[1])
