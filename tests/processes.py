@@ -9,6 +9,8 @@ import socket
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -96,3 +98,33 @@ async def run(
     process = await Process.start(args, env)
     code = await process.finish(timeout)
     return code, process.stdout.decode(), process.stderr.decode()
+
+
+async def serve_config(
+    folder: Path,
+    upstream_url: str,
+    extra: str = "",
+    *,
+    token: str = "t0ken",
+    env: Mapping[str, str] | None = None,
+    stdout: Any = asyncio.subprocess.PIPE,
+) -> tuple[Process, str, Path]:
+    """``tcproxy serve --config`` in front of ``upstream_url``, on a free port, once it answers.
+
+    Returns the process, its base URL and the config file (tests rewrite it and send SIGHUP).
+    """
+    port = free_port()
+    config = folder / "config.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nupstream: {{base_url: '{upstream_url}'}}\n{extra}"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *Process.argv(["serve", "--config", str(config)]),
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=Process.environment({"TOKENCHEAP_API_KEY": token, **(env or {})}),
+    )
+    process = Process(proc)
+    base = f"http://127.0.0.1:{port}"
+    await process.wait_healthy(base + "/-/healthy")
+    return process, base, config

@@ -19,10 +19,12 @@ import trustme
 from tcproxy.access import check_network
 from tcproxy.clients import key_digest, new_key
 from tcproxy.config import parse_config
+from tcproxy.emulator import EmulatorSettings
 from tcproxy.errors import Forbidden
 from tcproxy.quotas import day_start
+from tcproxy.service import start_emulator
 from tests.conftest import SECRETS, UPSTREAM_TOKEN
-from tests.processes import Process, free_port, run
+from tests.processes import run, serve_config
 
 ALICE, ALICE_HASH = new_key()
 BOB, BOB_HASH = new_key()
@@ -160,25 +162,18 @@ async def test_round_robin_one_client_cannot_starve_another(stack):
 
 
 async def test_revoked_key_after_reload(tmp_path):
-    upstream_port, port = free_port(), free_port()
-    emulator = await Process.start(["emulate", "--port", str(upstream_port), "--token", "t0ken"])
-    config = tmp_path / "config.yaml"
-    base = f"listen: 127.0.0.1:{port}\nupstream: {{base_url: 'http://127.0.0.1:{upstream_port}'}}\n"
-    config.write_text(base + team() + "ledger: false\n")
-    proxy = await Process.start(
-        ["serve", "--config", str(config)], env={"TOKENCHEAP_API_KEY": "t0ken"}
-    )
+    upstream = await start_emulator(EmulatorSettings(token="t0ken"))
+    proxy, base, config = await serve_config(tmp_path, upstream.url, team() + "ledger: false\n")
+    head = config.read_text().split("clients:")[0]
     try:
-        await emulator.wait_healthy(f"http://127.0.0.1:{upstream_port}/_emulator/stats")
-        await proxy.wait_healthy(f"http://127.0.0.1:{port}/-/healthy")
-        url = f"http://127.0.0.1:{port}/v1/completions"
+        url = f"{base}/v1/completions"
         body = {"model": "gpt-4", "prompt": "hi"}
         async with aiohttp.ClientSession() as session:
             assert (await session.post(url, json=body, headers=as_(BOB))).status == 200
             # bob's lines are deleted; carol is added; in-flight work carries on
             carol, carol_hash = new_key()
             config.write_text(
-                base
+                head
                 + f"clients:\n  alice: {{key_sha256: {ALICE_HASH}}}\n"
                 + f"  carol: {{key_sha256: {carol_hash}}}\nledger: false\n"
             )
@@ -191,8 +186,7 @@ async def test_revoked_key_after_reload(tmp_path):
         assert await proxy.stop() == 0
     finally:
         proxy.kill()
-        emulator.kill()
-        await emulator.finish()
+        await upstream.close()
     assert BOB not in proxy.output and carol not in proxy.output
 
 
@@ -248,22 +242,13 @@ async def test_management_pages_can_require_their_own_key(stack):
 
 
 async def test_ledger_after_a_clean_shutdown_and_the_usage_report(tmp_path):
-    upstream_port, port = free_port(), free_port()
     ledger = tmp_path / "state" / "usage.db"
-    emulator = await Process.start(["emulate", "--port", str(upstream_port), "--token", "t0ken"])
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"listen: 127.0.0.1:{port}\nupstream: {{base_url: 'http://127.0.0.1:{upstream_port}'}}\n"
-        + team()
-        + f"ledger: {{path: '{ledger}'}}\n"
-    )
-    proxy = await Process.start(
-        ["serve", "--config", str(config)], env={"TOKENCHEAP_API_KEY": "t0ken"}
+    upstream = await start_emulator(EmulatorSettings(token="t0ken"))
+    proxy, base, config = await serve_config(
+        tmp_path, upstream.url, team() + f"ledger: {{path: '{ledger}'}}\n"
     )
     try:
-        await emulator.wait_healthy(f"http://127.0.0.1:{upstream_port}/_emulator/stats")
-        await proxy.wait_healthy(f"http://127.0.0.1:{port}/-/healthy")
-        url = f"http://127.0.0.1:{port}/v1/completions"
+        url = f"{base}/v1/completions"
         async with aiohttp.ClientSession() as session:
             for key, model, count in (
                 (ALICE, "gpt-4", 3),
@@ -277,8 +262,7 @@ async def test_ledger_after_a_clean_shutdown_and_the_usage_report(tmp_path):
         assert await proxy.stop() == 0  # the rows still queued are written on the way out
     finally:
         proxy.kill()
-        emulator.kill()
-        await emulator.finish()
+        await upstream.close()
     with sqlite3.connect(ledger) as db:
         rows = db.execute(
             "SELECT client, model, status, prompt_tokens, completion_tokens, total_tokens"
