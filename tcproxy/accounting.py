@@ -43,8 +43,11 @@ class Usage:
         }
 
 
+_MAX_COUNT = 10**15  # no answer uses more; anything past it is garbage, not a count
+
+
 def _count(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
         return value
     return None
 

@@ -84,8 +84,10 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     ledger = state.ledger
     assert ledger is not None
-    today, this_month = await asyncio.to_thread(ledger.open)
-    state.budgets.load(today, this_month)  # budgets survive a restart
+    remembered = await asyncio.to_thread(ledger.open)
+    state.budgets.load(remembered.today, remembered.this_month)  # budgets survive a restart
+    # So does the pacing: a restart within a minute must not open a fresh minute's budget.
+    state.limiter.remember(remembered.recent_releases)
     yield
     await asyncio.to_thread(ledger.close)  # writes every row still queued
 

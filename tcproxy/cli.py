@@ -18,12 +18,13 @@ from tcproxy import __version__
 from tcproxy.config import (
     Config,
     ConfigInvalid,
+    ConfigProblem,
     TokenError,
     load_config,
     parse_listen,
     resolve_token,
 )
-from tcproxy.config.model import DOCUMENTED_RPM, LedgerConfig
+from tcproxy.config.model import DOCUMENTED_RPM, LedgerConfig, exposure_problem
 from tcproxy.config.token import Secret
 from tcproxy.emulator import MODES, EmulatorSettings
 from tcproxy.log import configure_logging
@@ -178,6 +179,9 @@ def _load(path: str | None, listen: str | None = None) -> Config:
     config = load_config(path) if path else Config()
     if listen:
         config = dataclasses.replace(config, listen=parse_listen(listen))
+        problem = exposure_problem(config)
+        if problem:
+            raise ConfigInvalid("--listen", [ConfigProblem("", problem)])
     return config
 
 

@@ -59,6 +59,17 @@ async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
+    try:
+        return await _read(request, limit, timeout)
+    except web.RequestPayloadError:
+        raise BadRequest(
+            "bad_body_encoding",
+            "the request body could not be read: its Content-Encoding does not match its bytes,"
+            " or its chunked framing is broken",
+        ) from None
+
+
+async def _read(request: web.Request, limit: int, timeout: float) -> bytes:
     content = request.content
     if content.is_eof() and content.total_bytes <= limit:
         # The whole body came with the headers (the usual case for a prompt): no deadline needed.

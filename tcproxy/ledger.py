@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,16 @@ PRAGMA user_version = 1;
 
 _ROWS_PER_INSERT = 256  # a power of two; 3,584 parameters, well under SQLite's 32,766
 _BATCH_SECONDS = 0.5
+_RECENT_SECONDS = 180.0  # more than any pacing window: a restart's first minute sees them all
+
+
+@dataclass(frozen=True)
+class Remembered:
+    today: dict[str, int]  # tokens per client this UTC day
+    this_month: dict[str, int]
+    recent_releases: list[tuple[str, float]]  # (model, unix time it went upstream)
+
+
 _MAX_QUEUED = 200_000
 
 Row = tuple[Any, ...]
@@ -99,9 +110,9 @@ class Ledger:
         self.written = 0
         self.lost = 0
 
-    def open(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Create the file if needed, start the writer; returns tokens used per client today
-        and this month (UTC), for the budgets. Blocking: call it in a thread."""
+    def open(self) -> Remembered:
+        """Create the file if needed and start the writer; return what the ledger remembers that
+        the service needs again after a restart. Blocking: call it in a thread."""
         connection = self._connection = connect(self.path)
         now = time.time()
         totals = []
@@ -111,10 +122,18 @@ class Ledger:
                 (since,),
             )
             totals.append({client: int(total or 0) for client, total in cursor})
+        # When requests of the last few minutes went upstream: the moment a request ended less
+        # its upstream time, which is when it was sent (or, if anything, a little after).
+        cursor = connection.execute(
+            "SELECT model, ts - upstream_ms / 1000.0 FROM requests"
+            " WHERE ts >= ? AND model IS NOT NULL AND upstream_ms IS NOT NULL",
+            (now - _RECENT_SECONDS,),
+        )
+        recent = [(model, float(sent)) for model, sent in cursor]
         self._writer = BatchWriter(
             self._commit, interval=_BATCH_SECONDS, max_pending=_MAX_QUEUED, name="tcproxy-ledger"
         )
-        return totals[0], totals[1]
+        return Remembered(today=totals[0], this_month=totals[1], recent_releases=recent)
 
     def record(self, record: RequestRecord) -> None:
         """Queue a finished request (never blocks)."""
@@ -148,6 +167,8 @@ class Ledger:
                     self._connection.execute(_insert(size), [v for r in rows for v in r])
                     start += size
             self.written += len(batch)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer thread must outlive any one bad batch
             self.lost += len(batch)
-            log.error("usage ledger write failed", error=str(exc), rows=len(batch))
+            log.error(
+                "usage ledger write failed", error=f"{type(exc).__name__}: {exc}", rows=len(batch)
+            )

@@ -124,9 +124,11 @@ class SecretMask:
         self._secrets: tuple[str, ...] = ()
 
     def add(self, secret: str) -> None:
-        if secret and secret not in self._secrets:
-            # Longest first, so a secret that contains another is masked whole.
-            self._secrets = tuple(sorted((*self._secrets, secret), key=len, reverse=True))
+        # As written, and as it appears inside a JSON string (quotes and backslashes escaped).
+        for form in (secret, orjson.dumps(secret).decode()[1:-1]):
+            if form and form not in self._secrets:
+                # Longest first, so a secret that contains another is masked whole.
+                self._secrets = tuple(sorted((*self._secrets, form), key=len, reverse=True))
 
     def __call__(self, logger: Any, method_name: str, line: str) -> str:
         for secret in self._secrets:
@@ -200,7 +202,11 @@ def configure_logging(
     if not journald:
         processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     if fmt == "json":
-        processors += [structlog.processors.dict_tracebacks, _render_json]
+        # Tracebacks as data, without frame locals: a local can hold a header with the token.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        processors += [tracebacks, _render_json]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=_isatty(stream)))
     processors.append(secrets)

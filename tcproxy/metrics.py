@@ -86,6 +86,7 @@ class Metrics:
     def label(self, model: str | None) -> str:
         if model is None:
             return "none"
+        model = model.strip().lower()
         if model in self._unlisted or model in self._listed():
             return model
         if len(self._unlisted) < _MAX_UNLISTED:

@@ -59,7 +59,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         record.error = record.error or "client_gone"
         raise
     except Exception:
-        log.exception("unexpected error while handling a request", path=request.path)
+        log.error("unexpected error while handling a request", path=request.path, exc_info=True)
         error = ProxyError("internal_error", "tcproxy failed unexpectedly; see its log")
         return _error_response(record, error)
     finally:
@@ -72,7 +72,7 @@ def _error_response(record: RequestRecord, error: ProxyError) -> web.Response:
     record.error = error.code
     response = web.json_response(error.body(), status=error.status, headers=error.headers())
     record.stamp(response)
-    if error.status in (408, 413) or error.code == "bad_path":
+    if error.status in (408, 413) or error.code in ("bad_path", "bad_body_encoding"):
         # The rest of the body may still be on the wire: do not read it, close.
         response.force_close()
     return response

@@ -118,7 +118,7 @@ async def _send(
             pause = _backoff(record.retries) / state.time_scale
         resume = loop.time() + pause
         queue.pacer.pause(resume)
-        state.limiter.note_refusal(record.model)
+        state.limiter.note_refusal(queue.model)
         if record.retries >= limits.max_retries or resume >= deadline:
             return response  # the upstream's own 429, Retry-After and all
         log.info(

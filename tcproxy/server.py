@@ -72,9 +72,10 @@ class _JsonErrorProtocol(RequestHandler):
             raise ConnectionError("response already started; closing the connection")
         if status == 500:
             code, text = "internal_error", "tcproxy failed unexpectedly; see its log"
+            kind = "server_error"
             log.error("unhandled error", error=type(exc).__name__ if exc else None)
         else:
-            code = "bad_http"
+            code, kind = "bad_http", "invalid_request_error"
             text = (
                 "malformed HTTP request (invalid request line, header or framing);"
                 " the client must send valid HTTP/1.1"
@@ -86,12 +87,17 @@ class _JsonErrorProtocol(RequestHandler):
                 error=type(exc).__name__ if exc else None,
                 peer=request.remote,
             )
-        body = {"error": {"message": text, "type": "invalid_request_error", "code": code}}
+        body = {"error": {"message": text, "type": kind, "code": code}}
         response = web.Response(
             status=status,
             text=json.dumps(body),
             content_type="application/json",
-            headers={"X-TCProxy-Error": code},
+            headers={
+                "X-TCProxy-Error": code,
+                # Every response carries these; this request never got as far as an id.
+                "X-Request-Id": os.urandom(16).hex(),
+                "X-TCProxy-Queue-Ms": "0",
+            },
         )
         response.force_close()
         return response

@@ -30,16 +30,17 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import structlog
 
 from tcproxy.app import build_app
 from tcproxy.config import Config, ConfigInvalid, Secret, TokenError, resolve_token
+from tcproxy.config.model import exposure_problem
 from tcproxy.config.paths import ledger_path
 from tcproxy.emulator import Emulator, EmulatorSettings
 from tcproxy.errors import ServiceUnavailable
 from tcproxy.log import LogControl
+from tcproxy.pacing.urls import url_passwords
 from tcproxy.server import Listening, PureParserRefused, listen, require_c_parser, tls_context
 from tcproxy.state import STATE, State
 from tcproxy.systemd import Notifier
@@ -89,6 +90,9 @@ async def start_proxy(
         require_c_parser()
     except PureParserRefused as exc:
         raise StartupError(str(exc)) from None
+    problem = exposure_problem(config)
+    if problem:
+        raise StartupError(problem)
     tls = config.listen.tls
     context = None
     if tls is not None:
@@ -200,7 +204,14 @@ class Service:
             loop.add_signal_handler(signum, signals.put_nowait, signum)
         try:
             while (received := await signals.get()) == signal.SIGHUP:
-                self.reload(state)
+                try:
+                    self.reload(state)
+                except Exception as exc:  # a reload must never take the service down
+                    log.error(
+                        "reload failed; the running config stays in force",
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    self.notifier.ready("reload failed; running on the previous config")
             await self._drain(listening, state, signal.Signals(received).name)
         finally:
             for signum in handled:
@@ -227,6 +238,11 @@ class Service:
         if kept:
             log.warning("these settings change only on restart; kept as they are", keys=kept)
             config = _keep(config, running, kept)
+        problem = exposure_problem(config)  # e.g. clients removed while still listening widely
+        if problem:
+            log.error("reload rejected; the running config stays in force", problems=[problem])
+            self.notifier.ready("reload rejected; running on the previous config")
+            return False
         if self._tls is not None and config.listen.tls is not None:
             try:  # renewed certificate files at the same paths are picked up
                 self._tls.load_cert_chain(config.listen.tls.cert, config.listen.tls.key)
@@ -317,8 +333,7 @@ def _keep(config: Config, running: Config, keys: list[str]) -> Config:
 def register_secrets(log_control: LogControl, config: Config, token: Secret) -> None:
     """Everything that must never be printed, for the log's last-line mask."""
     log_control.add_secret(token.reveal())
-    password = urlsplit(config.limits.backend).password
-    if password:
+    for password in url_passwords(config.limits.backend):
         log_control.add_secret(password)
 
 

@@ -47,7 +47,12 @@ _NOT_A_FAILURE = frozenset({"upstream_auth_failed", "upstream_redirect"})
 
 def _timeout(config: UpstreamConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        # connect also bounds name resolution (sock_connect does not); with no pool limit there
+        # is no wait for a free connection inside it.
+        total=None,
+        connect=config.connect_timeout,
+        sock_connect=config.connect_timeout,
+        sock_read=config.read_timeout,
     )
 
 
@@ -87,7 +92,9 @@ class Upstream:
             response = await self._answer(method, target, headers, body)
         except ProxyError as error:
             self.failures[error.code] += 1
-            if error.code not in _NOT_A_FAILURE:
+            if error.code in _NOT_A_FAILURE:
+                breaker.succeeded()  # the upstream answered: it is up
+            else:
                 breaker.failed(self.config.circuit_breaker)
             raise
         if response.status >= 500:
@@ -174,4 +181,5 @@ async def drain_and_release(response: aiohttp.ClientResponse, cap: int = 64 * 10
             await response.content.read(cap)
     except (TimeoutError, aiohttp.ClientError):
         pass
-    response.release()
+    finally:
+        response.release()

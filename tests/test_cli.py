@@ -145,3 +145,9 @@ async def test_refuses_the_pure_python_http_parser(env):
     )
     assert code == 1
     assert "C HTTP parser" in err
+
+
+async def test_listen_override_cannot_open_the_proxy_to_the_network():
+    code, _, err = await run(["serve", "--emulator", "--listen", f"0.0.0.0:{free_port()}"])
+    assert code == 2
+    assert "reachable from the network" in err and "client keys" in err

@@ -180,3 +180,26 @@ async def test_models_not_listed_get_the_default_limit(stack):
     assert (await s.complete(model="brand-new-model")).status == 429  # paced at 1 rpm, not refused
     status = await (await s.session.get(f"{s.url}/-/status")).json()
     assert status["models"]["brand-new-model"]["rpm"] == 1
+
+
+async def test_a_model_spelled_differently_shares_its_budget(stack):
+    s = await stack("limits:\n  models:\n    GPT-4: {rpm: 1}\n  queue_timeout: 0.2\n")
+    assert (await s.complete(model="gpt-4")).status == 200
+    for spelling in ("GPT-4", " gpt-4 ", "Gpt-4"):  # no second budget by changing the case
+        response = await s.complete(model=spelling)
+        assert response.status == 429 and response.headers["X-TCProxy-Error"] == "queue_timeout"
+
+
+async def test_invented_model_names_share_one_queue_past_a_cap(monkeypatch):
+    import tcproxy.pacing as pacing
+    from tcproxy.config import LimitsConfig
+
+    monkeypatch.setattr(pacing, "_MAX_UNLISTED_QUEUES", 3)
+    limiter = pacing.Limiter(LimitsConfig())
+    queues = [limiter.queue(f"invented-{i}") for i in range(3)]
+    for queue in queues:  # each has released just now: none is idle, none can be forgotten
+        await queue.wait_turn("-", timeout=1)
+    overflow = limiter.queue("invented-4")
+    assert overflow.model == pacing.OTHER_MODELS
+    assert limiter.queue("invented-5") is overflow
+    assert limiter.queue("gpt-4").model == "gpt-4"  # listed models always get their own

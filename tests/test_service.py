@@ -305,3 +305,23 @@ def test_unit_exposure_is_at_most_1_5():
     last = result.stdout.strip().splitlines()[-1]
     score = float(last.split("level for tcproxy.service:")[1].split()[0])
     assert score <= 1.5, last
+
+
+async def test_reload_that_would_leave_a_wide_listen_without_keys_is_refused(stack, logs):
+    import dataclasses
+
+    from tcproxy.clients import new_key
+    from tcproxy.config import ListenConfig, parse_config
+    from tcproxy.service import Service, Source
+
+    _, digest = new_key()
+    s = await stack(f"clients:\n  alice: {{key_sha256: {digest}}}\n")
+    state = s.state
+    # As if it were running on the LAN: listen is restart-only, so a reload keeps it.
+    state.config = dataclasses.replace(state.config, listen=ListenConfig("0.0.0.0", 8787))
+    edited = parse_config(f"upstream: {{base_url: '{s.upstream.url}'}}\n")  # clients removed
+    service = Service(Source(lambda: edited, token=state.token), logs.control)
+    assert service.reload(state) is False
+    assert state.clients.required  # alice's key is still needed
+    rejected = [e for e in logs.events() if e["event"].startswith("reload rejected")]
+    assert "reachable from the network" in rejected[-1]["problems"][0]

@@ -110,17 +110,24 @@ class Fleet:
         self.session = aiohttp.ClientSession()
 
     async def start(
-        self, backend: str, instances: int, prefix: str = "tcproxy", extra: str = "", rpm: int = RPM
+        self,
+        backend: str,
+        instances: int,
+        prefix: str = "tcproxy",
+        extra: str = "",
+        rpm: int = RPM,
+        burst: int | None = None,
     ) -> None:
         self.upstream = await start_emulator(
             EmulatorSettings(
                 token=UPSTREAM_TOKEN, time_scale=SCALE, rpm={"gpt-4": rpm}, enforce="sliding"
             )
         )
+        limit = f"{{rpm: {rpm}}}" if burst is None else f"{{rpm: {rpm}, burst: {burst}}}"
         for _ in range(instances):
             config = proxy_config(
                 self.upstream.url,
-                f"limits:\n  models:\n    gpt-4: {{rpm: {rpm}}}\n  safety_margin: 0.01\n"
+                f"limits:\n  models:\n    gpt-4: {limit}\n  safety_margin: 0.01\n"
                 f"  backend: '{backend}'\n  redis_prefix: {prefix}\n  instances: {instances}\n"
                 f"  redis_timeout: 0.2\n{extra}",
             )
@@ -256,3 +263,18 @@ async def test_fallback_paces_at_the_configured_share(fleet):
     await fleet.start(f"redis://127.0.0.1:{free_port()}/0", instances=4, rpm=120)
     pacer = fleet.proxies[0].app[STATE].limiter.queue("gpt-4").pacer
     assert pacer._local.limit.rpm == 30  # a quarter of 120
+
+
+async def test_the_fallback_remembers_what_went_through_redis(fleet, own_redis):
+    await own_redis.start()
+    # One instance with the whole budget (share 1): six slots a minute, all at once.
+    await fleet.start(own_redis.url, instances=1, rpm=6, extra="  queue_timeout: 0.3\n", burst=6)
+    for _ in range(6):
+        assert await fleet.complete(0) == 200
+    await own_redis.stop()
+    # Redis is gone: the local pacer takes over knowing those six (and with no fresh burst), so
+    # the minute stays spent.
+    assert await fleet.complete(0) == 429
+    assert fleet.emulator.models["gpt-4"].accepted == 6
+    local = fleet.proxies[0].app[STATE].limiter.queue("gpt-4").pacer._local
+    assert local.releases_within(asyncio.get_running_loop().time(), 60 / SCALE) == 6

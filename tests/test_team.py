@@ -323,3 +323,18 @@ def test_usage_report_periods_and_bad_arguments(tmp_path: Path):
         period(None, "yesterday-ish", None, now)
     with pytest.raises(ReportError, match="no usage ledger"):
         summarise(tmp_path / "absent.db", period("all", None, None, now), "client")
+
+
+async def test_a_restart_within_the_minute_does_not_open_a_fresh_budget(stack, tmp_path):
+    ledger = tmp_path / "usage.db"
+    config = "limits:\n  models:\n    gpt-4: {rpm: 3, burst: 3}\n  queue_timeout: 0.3\n"
+    first = await stack(config, ledger_path=ledger)
+    for _ in range(3):  # the whole minute's budget
+        assert (await first.complete()).status == 200
+    await first.proxy.close()
+    second = await stack(config, ledger_path=ledger)  # restarted seconds later
+    response = await second.complete()
+    assert response.status == 429  # waits for the old minute to pass, not a fresh one
+    assert second.emulator.requests == 0
+    status = await (await second.session.get(f"{second.url}/-/status")).json()
+    assert status["models"]["gpt-4"]["released_last_60s"] == 3

@@ -33,6 +33,7 @@ from tcproxy.config.model import (
     ServerConfig,
     TLSConfig,
     UpstreamConfig,
+    exposure_problem,
 )
 
 T = TypeVar("T")
@@ -210,16 +211,9 @@ class _Reader:
         clients = self._clients(top.get("clients"))
         management = self._management(top.get("management"), defaults.management)
         ledger = self._ledger(top.get("ledger"), defaults.ledger)
-        if not listen.is_loopback and not clients:
-            self._add(
-                ("listen",),
-                f"{listen} is reachable from the network, and without client keys anyone who can"
-                " reach it could spend the TokenCheap balance; listen on 127.0.0.1, or add"
-                " client keys (tcproxy keys new NAME prints one and the config lines)",
-            )
         if self.problems:
             return None
-        return Config(
+        config = Config(
             listen=listen,
             upstream=upstream,
             limits=limits,
@@ -229,6 +223,11 @@ class _Reader:
             management=management,
             ledger=ledger,
         )
+        problem = exposure_problem(config)
+        if problem:
+            self._add(("listen",), problem)
+            return None
+        return config
 
     def _listen(self, tree: Any, d: ListenConfig) -> ListenConfig:
         p: KeyPath = ("listen",)
@@ -369,8 +368,11 @@ class _Reader:
             models = {}
             for name, value in given.items():
                 limit = self._model_limit(value, (*p, "models", name))
-                if limit is not None:
-                    models[name] = limit
+                key = name.strip().lower()  # as the pacing matches names (pacing.model_key)
+                if key in models:
+                    self._add((*p, "models", name), f"is the same model as '{key}' (case aside)")
+                elif limit is not None:
+                    models[key] = limit
         default = d.default
         if "default" in s:
             default = self._model_limit(s["default"], (*p, "default")) or d.default

@@ -178,3 +178,18 @@ class Config:
     clients: Mapping[str, ClientConfig] = field(default_factory=lambda: MappingProxyType({}))
     management: ManagementConfig = ManagementConfig()
     ledger: LedgerConfig = LedgerConfig()
+
+
+def exposure_problem(config: Config) -> str | None:
+    """Why this config must not run: reachable from the network with no client keys.
+
+    Checked when a file is loaded, and again on whatever finally runs (command-line overrides,
+    a reload that keeps a restart-only ``listen``), so no path leads to an open proxy.
+    """
+    if config.listen.is_loopback or config.clients:
+        return None
+    return (
+        f"{config.listen} is reachable from the network, and without client keys anyone who can"
+        " reach it could spend the TokenCheap balance; listen on 127.0.0.1, or add client keys"
+        " (tcproxy keys new NAME prints one and the config lines)"
+    )

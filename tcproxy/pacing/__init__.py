@@ -11,6 +11,7 @@ rpm-capped client), follows config reloads, and reports their state.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from tcproxy.config.model import ClientConfig, LimitsConfig, ModelLimit
@@ -23,8 +24,17 @@ if TYPE_CHECKING:  # redis-py is imported only when Redis is configured (it cost
 __all__ = ["Limiter", "ModelQueue", "Pacer"]
 
 # Models not in the config each get a queue of their own on first use. Past this many, idle
-# ones are forgotten, so a client inventing model names cannot grow memory without bound.
-_MAX_IDLE_QUEUES = 256
+# ones are forgotten; if that is not enough, further unlisted models share one queue at the
+# default pace (slower, never faster), so a client inventing model names cannot grow memory or
+# multiply the pace without bound.
+_MAX_UNLISTED_QUEUES = 256
+OTHER_MODELS = "(other models)"
+
+
+def model_key(model: str) -> str:
+    """Models are paced by name without case or surrounding spaces: "GPT-4 " is gpt-4, so
+    spelling a name differently never buys a second budget."""
+    return model.strip().lower()
 
 
 class Limiter:
@@ -42,6 +52,7 @@ class Limiter:
         self._queues: dict[str, ModelQueue] = {}
         self._refusals: dict[str, int] = {}  # upstream 429s seen, per model
         self._client_queues: dict[str, ModelQueue] = {}
+        self._closed: Exception | None = None
 
     @property
     def window(self) -> float:
@@ -52,10 +63,14 @@ class Limiter:
         return self._limits
 
     def queue(self, model: str) -> ModelQueue:
+        model = model_key(model)
         queue = self._queues.get(model)
         if queue is None:
-            if len(self._queues) >= _MAX_IDLE_QUEUES:
+            unlisted = model not in self._limits.models and model != OTHER_MODELS
+            if unlisted and self._unlisted() >= _MAX_UNLISTED_QUEUES:
                 self._forget_idle()
+                if self._unlisted() >= _MAX_UNLISTED_QUEUES:
+                    return self.queue(OTHER_MODELS)
             limit, margin = self._limits.for_model(model), self._limits.safety_margin
             pacer: SlotSource
             if self.backend is not None:
@@ -65,6 +80,7 @@ class Limiter:
             else:
                 pacer = Pacer(limit, margin, self.window)
             queue = self._queues[model] = ModelQueue(model, pacer, self._limits.max_queue)
+            queue.closed = self._closed
         return queue
 
     def client_queue(self, client: ClientConfig) -> ModelQueue | None:
@@ -81,6 +97,7 @@ class Limiter:
             label = f"client '{client.name}' (clients.{client.name}.rpm: {client.rpm})"
             pacer = Pacer(limit, margin, self.window)
             queue = ModelQueue(client.name, pacer, self._limits.max_queue, label)
+            queue.closed = self._closed
             self._client_queues[client.name] = queue
         else:
             queue.pacer.update(limit, margin, self.window)  # follows a reloaded cap
@@ -93,13 +110,35 @@ class Limiter:
             queue.max_queue = limits.max_queue
             queue.pacer.update(limits.for_model(model), limits.safety_margin, self.window)
 
+    def remember(self, releases: list[tuple[str, float]]) -> None:
+        """Count releases made before a restart (model, unix time): their window still runs.
+
+        Shared pacing keeps its own record in Redis, so this is for in-process pacing only.
+        """
+        if self.backend is not None or not releases:
+            return
+        offset = asyncio.get_running_loop().time() - time.time()  # wall clock to loop clock
+        by_model: dict[str, list[float]] = {}
+        for name, at in releases:
+            by_model.setdefault(model_key(name), []).append(at + offset)
+        for model, times in by_model.items():
+            pacer = self.queue(model).pacer
+            assert isinstance(pacer, Pacer)
+            for at in sorted(times):
+                pacer.note_release(at)
+            pacer.precharge()  # and no fresh burst either
+
+    def _unlisted(self) -> int:
+        listed = self._limits.models
+        return sum(1 for model in self._queues if model not in listed and model != OTHER_MODELS)
+
     def note_refusal(self, model: str) -> None:
         self._refusals[model] = self._refusals.get(model, 0) + 1
 
     def _forget_idle(self) -> None:
         now = asyncio.get_running_loop().time()
-        listed = self._limits.models
-        for model in [m for m, q in self._queues.items() if q.depth == 0 and m not in listed]:
+        keep = {*self._limits.models, OTHER_MODELS}
+        for model in [m for m, q in self._queues.items() if q.depth == 0 and m not in keep]:
             if self._queues[model].pacer.is_idle(now):
                 del self._queues[model]
 
@@ -107,7 +146,9 @@ class Limiter:
         return [*self._queues.values(), *self._client_queues.values()]
 
     def shed(self, error: Exception) -> int:
-        """Answer every waiting request with ``error``; returns how many there were."""
+        """Answer every waiting request with ``error``, and every later one (queues made after
+        this too); returns how many were waiting."""
+        self._closed = error
         return sum(queue.shed(error) for queue in self._all_queues())
 
     def queued(self) -> int:

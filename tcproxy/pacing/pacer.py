@@ -147,6 +147,14 @@ class Pacer:
         self._precharge = True
         self._wake()
 
+    def precharge(self) -> None:
+        """Start the bucket full from the next release on: no burst (taking over, reloading)."""
+        self._precharge = True
+
+    def note_release(self, at: float) -> None:
+        """Count a release made elsewhere (through Redis) in the window log."""
+        self._recent.add(at)
+
     def pause(self, until: float) -> None:
         """Release nothing before loop time ``until`` (the upstream asked us to back off)."""
         if until > self.paused_until:

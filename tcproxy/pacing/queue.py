@@ -17,8 +17,12 @@ import itertools
 from collections import OrderedDict, deque
 from typing import Protocol
 
+import structlog
+
 from tcproxy.config.model import ModelLimit
 from tcproxy.errors import TooManyRequests
+
+log = structlog.get_logger("tcproxy.pacing")
 
 
 class SlotSource(Protocol):
@@ -57,6 +61,7 @@ class ModelQueue:
         "_ids",
         "_lines",
         "_turns",
+        "closed",
         "label",
         "max_queue",
         "model",
@@ -75,6 +80,7 @@ class ModelQueue:
         self._depth = 0
         self._ids = itertools.count()
         self._dispatcher: asyncio.Task[None] | None = None
+        self.closed: Exception | None = None  # set when shut: every newcomer gets this error
 
     @property
     def depth(self) -> int:
@@ -96,6 +102,8 @@ class ModelQueue:
         ``front`` puts a request the upstream refused back at the head; it is never refused for
         a full line, since it was accepted already.
         """
+        if self.closed is not None:
+            raise self.closed
         loop = asyncio.get_running_loop()
         start = loop.time()
         if self._depth == 0 and self._dispatcher is None and self.pacer.ready(start):
@@ -184,13 +192,23 @@ class ModelQueue:
     async def _dispatch(self) -> None:
         try:
             while self._depth:
-                await self.pacer.acquire()
+                try:
+                    await self.pacer.acquire()
+                except Exception:  # a bug must not strand the waiters: log, pause, go on
+                    log.error(
+                        "pacing failed; retrying in a second", queue=self.label, exc_info=True
+                    )
+                    await asyncio.sleep(1.0)
+                    continue
                 self._grant_next()
         finally:
             self._dispatcher = None
 
     def shed(self, error: Exception) -> int:
-        """Answer every waiter with ``error`` (shutting down). Returns how many there were."""
+        """Answer every waiter with ``error``, and every later newcomer too (shutting down).
+
+        Returns how many were waiting."""
+        self.closed = error
         waiters = [w for line in self._lines.values() for w in line.values()]
         self._lines.clear()
         self._turns.clear()

@@ -30,7 +30,8 @@ import asyncio
 import contextlib
 import hashlib
 import math
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Coroutine
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -40,6 +41,7 @@ from redis.retry import Retry
 
 from tcproxy.config.model import ModelLimit
 from tcproxy.pacing.pacer import MINUTE, Pacer, ReleaseLog, bucket_shape
+from tcproxy.pacing.urls import masked
 
 log = structlog.get_logger("tcproxy.pacing")
 
@@ -91,17 +93,6 @@ return string.format('%.6f', resume)
 """
 
 
-def masked(url: str) -> str:
-    """The URL with any password replaced, fit for logs and /-/status."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:****@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class RedisBackend:
     """One Redis connection pool and the health of the link, shared by every model's pacer."""
 
@@ -129,6 +120,12 @@ class RedisBackend:
         self._reserve = self._client.register_script(RESERVE)
         self._pause = self._client.register_script(PAUSE)
         self._probe: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget calls, kept alive
+
+    def spawn(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def mode(self) -> str:
@@ -211,7 +208,17 @@ def _describe(exc: BaseException | None) -> str | None:
 class RedisPacer:
     """A model's slots, reserved in Redis; an in-process pacer stands in while Redis is away."""
 
-    __slots__ = ("_args", "_backend", "_keys", "_limit", "_local", "_recent", "paused_until")
+    __slots__ = (
+        "_args",
+        "_backend",
+        "_gate_until",
+        "_keys",
+        "_limit",
+        "_local",
+        "_recent",
+        "_was_shared",
+        "paused_until",
+    )
 
     def __init__(
         self, backend: RedisBackend, model: str, limit: ModelLimit, margin: float, window: float
@@ -220,7 +227,12 @@ class RedisPacer:
         self._keys = backend.keys(model)
         self._recent = ReleaseLog()  # this instance's releases, for /-/status
         self.paused_until = 0.0
+        # The stand-in while Redis is away. It is told of every release made through Redis, so
+        # when it takes over it knows this instance's last minute; and for one window after
+        # Redis returns it still gates releases, since Redis never saw the ones made without it.
         self._local = Pacer(self._share(limit), margin, window)
+        self._was_shared = backend.healthy
+        self._gate_until = 0.0
         self._configure(limit, margin, window)
 
     def _share(self, limit: ModelLimit) -> ModelLimit:
@@ -258,33 +270,54 @@ class RedisPacer:
 
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._backend.healthy:
+        while True:
+            self._follow_backend(loop.time())
+            if not self._backend.healthy:
+                await self._local.acquire()
+                self._released(loop.time())
+                return
             try:
                 slot, redis_now, paused = await self._backend.reserve(self._keys, self._args)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._backend.failed(exc)
+                continue
+            answered = loop.time()
+            if paused > redis_now:
+                self.paused_until = max(self.paused_until, answered + paused - redis_now)
+            if slot > redis_now:
+                await asyncio.sleep(slot - redis_now)
+            now = loop.time()
+            if self.paused_until > now:
+                # A 429 arrived while this slot was pending: let it go, wait out the pause.
+                await asyncio.sleep(self.paused_until - now)
+                continue
+            if now < self._gate_until:
+                await self._local.acquire()  # the local record still binds (see __init__)
             else:
-                answered = loop.time()
-                if paused > redis_now:
-                    self.paused_until = max(self.paused_until, answered + paused - redis_now)
-                wait = slot - redis_now
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                self._note(loop.time())
-                return
-        await self._local.acquire()
-        self._note(loop.time())
+                self._local.note_release(now)
+            self._released(loop.time())
+            return
+
+    def _released(self, at: float) -> None:
+        self._recent.add(at)
+        self._recent.forget_until(at - float(self._args[2]))
+
+    def _follow_backend(self, now: float) -> None:
+        shared = self._backend.healthy
+        if shared == self._was_shared:
+            return
+        self._was_shared = shared
+        if shared:
+            self._gate_until = now + float(self._args[2])
+        else:
+            self._local.precharge()  # takes over without a burst
 
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
         self._local.pause(until)
         if self._backend.healthy:
             seconds = until - asyncio.get_running_loop().time()
-            asyncio.get_running_loop().create_task(self._backend.pause(self._keys, seconds))
-
-    def _note(self, at: float) -> None:
-        self._recent.add(at)
-        self._recent.forget_until(at - self._args[2])
+            self._backend.spawn(self._backend.pause(self._keys, seconds))
 
     def releases_within(self, now: float, seconds: float) -> int:
         return self._recent.since(now - seconds)

@@ -267,3 +267,16 @@ async def test_pipelining_flood_on_one_connection_is_served_in_order(stack):
     assert statuses == [200] * count
     response = await s.session.get(f"{s.url}/-/healthy")  # and the proxy still answers others
     assert response.status == 200
+
+
+async def test_body_whose_content_encoding_lies_is_400(stack):
+    s = await stack()
+    status, _, body = await raw_request(
+        s.proxy.port,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+        "Content-Length: 12\r\n\r\n",
+        b"not gzip at all"[:12],
+    )
+    assert status == 400
+    assert json.loads(body)["error"]["code"] == "bad_body_encoding"
+    assert s.emulator.requests == 0
