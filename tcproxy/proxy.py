@@ -83,13 +83,13 @@ async def _send(
     if record.model is None:  # no model, no documented limit: straight through
         headers = _upstream_headers(request, state, record, body)
         started = loop.time()
-        response = await _upstream_answer(state, record, request.method, target, headers, body)
+        response = await _upstream_answer(state, "-", request.method, target, headers, body)
         record.upstream_s = loop.time() - started
         return response
     limits = state.config.limits
-    assert state.upstream is not None
-    state.upstream.breaker(record.model).check(send=False)  # failing fast costs no slot
     queue = state.limiter.queue(record.model)
+    assert state.upstream is not None
+    state.upstream.breaker(queue.model).check(send=False)  # failing fast costs no slot
     deadline = loop.time() + limits.queue_timeout
     capped = state.limiter.client_queue(client) if client is not None else None
     waited_from = loop.time()
@@ -108,7 +108,9 @@ async def _send(
         if prepared is None:
             prepared = _upstream_headers(request, state, record, body)
         started = loop.time()
-        response = await _upstream_answer(state, record, request.method, target, prepared, body)
+        response = await _upstream_answer(
+            state, queue.model, request.method, target, prepared, body
+        )
         record.upstream_s = loop.time() - started
         record.upstream_status = response.status
         if response.status != 429:
@@ -134,7 +136,7 @@ async def _send(
 
 async def _upstream_answer(
     state: State,
-    record: RequestRecord,
+    model: str,
     method: str,
     target: str,
     headers: CIMultiDict[str],
@@ -144,7 +146,7 @@ async def _upstream_answer(
     upstream = state.upstream
     assert upstream is not None, "the upstream session is opened at start-up"
     try:
-        response = await upstream.send(record.model or "-", method, target, headers, body)
+        response = await upstream.send(model, method, target, headers, body)
     except BadGateway as error:
         if error.code == "upstream_auth_failed":
             state.alarms.begin(
