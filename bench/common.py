@@ -30,20 +30,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def rss_mib(pid: int) -> float:
+def _status_mib(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmRSS:")
 
 
 def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """The most memory the process has held at once (its high-water mark)."""
+    return _status_mib(pid, "VmHWM:")
 
 
 async def start_emulator(*args: str, token: str = "bench-token") -> tuple[Process, str]:
