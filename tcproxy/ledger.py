@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from tcproxy.batching import BatchWriter
+from tcproxy.pacing.pacer import ReleaseLog
 from tcproxy.quotas import day_start, month_start
 from tcproxy.record import RequestRecord
 
@@ -51,14 +52,14 @@ PRAGMA user_version = 1;
 
 _ROWS_PER_INSERT = 256  # a power of two; 3,584 parameters, well under SQLite's 32,766
 _BATCH_SECONDS = 0.5
-_RECENT_SECONDS = 180.0  # more than any pacing window: a restart's first minute sees them all
+_RECENT_SECONDS = 75.0  # a pacing window and its largest margin: all a restart must still count
 
 
 @dataclass(frozen=True)
 class Remembered:
     today: dict[str, int]  # tokens per client this UTC day
     this_month: dict[str, int]
-    recent_releases: list[tuple[str, float]]  # (model, unix time it went upstream)
+    recent_releases: list[tuple[str, float, int]]  # (model, unix time went upstream, how many)
 
 
 _MAX_QUEUED = 200_000
@@ -122,14 +123,18 @@ class Ledger:
                 (since,),
             )
             totals.append({client: int(total or 0) for client, total in cursor})
-        # When requests of the last few minutes went upstream: the moment a request ended less
-        # its upstream time, which is when it was sent (or, if anything, a little after).
+        # When requests of the last minute went upstream: the moment a request ended less its
+        # upstream time, which is when it was sent (or, if anything, a little after). Counted
+        # per model in grains of a few milliseconds (the pacing's own grain), each stamped with
+        # its latest time, so a busy minute comes back as thousands of rows, not millions.
         cursor = connection.execute(
-            "SELECT model, ts - upstream_ms / 1000.0 FROM requests"
-            " WHERE ts >= ? AND model IS NOT NULL AND upstream_ms IS NOT NULL",
-            (now - _RECENT_SECONDS,),
+            "SELECT lower(trim(model)), MAX(sent), COUNT(*) FROM ("
+            "  SELECT model, ts - upstream_ms / 1000.0 AS sent FROM requests"
+            "  WHERE ts >= ? AND model IS NOT NULL AND upstream_ms IS NOT NULL"
+            ") GROUP BY lower(trim(model)), CAST(sent / ? AS INTEGER)",
+            (now - _RECENT_SECONDS, ReleaseLog.GRAIN),
         )
-        recent = [(model, float(sent)) for model, sent in cursor]
+        recent = [(model, float(sent), int(count)) for model, sent, count in cursor]
         self._writer = BatchWriter(
             self._commit, interval=_BATCH_SECONDS, max_pending=_MAX_QUEUED, name="tcproxy-ledger"
         )

@@ -110,22 +110,23 @@ class Limiter:
             queue.max_queue = limits.max_queue
             queue.pacer.update(limits.for_model(model), limits.safety_margin, self.window)
 
-    def remember(self, releases: list[tuple[str, float]]) -> None:
-        """Count releases made before a restart (model, unix time): their window still runs.
+    def remember(self, releases: list[tuple[str, float, int]]) -> None:
+        """Count releases made before a restart (model, unix time, how many): their window
+        still runs.
 
         Shared pacing keeps its own record in Redis, so this is for in-process pacing only.
         """
         if self.backend is not None or not releases:
             return
         offset = asyncio.get_running_loop().time() - time.time()  # wall clock to loop clock
-        by_model: dict[str, list[float]] = {}
-        for name, at in releases:
-            by_model.setdefault(model_key(name), []).append(at + offset)
+        by_model: dict[str, list[tuple[float, int]]] = {}
+        for name, at, count in releases:
+            by_model.setdefault(model_key(name), []).append((at + offset, count))
         for model, times in by_model.items():
             pacer = self.queue(model).pacer
             assert isinstance(pacer, Pacer)
-            for at in sorted(times):
-                pacer.note_release(at)
+            for at, count in sorted(times):
+                pacer.note_release(at, count)
             pacer.precharge()  # and no fresh burst either
 
     def _unlisted(self) -> int:

@@ -56,15 +56,15 @@ class ReleaseLog:
         self._entries: deque[list[float]] = deque()  # [time, releases], oldest first
         self.count = 0
 
-    def add(self, at: float) -> None:
+    def add(self, at: float, releases: int = 1) -> None:
         entries = self._entries
         if entries and at - entries[-1][0] < self.GRAIN:
             last = entries[-1]
-            last[0] = at
-            last[1] += 1
+            last[0] = max(last[0], at)
+            last[1] += releases
         else:
-            entries.append([at, 1])
-        self.count += 1
+            entries.append([at, releases])
+        self.count += releases
 
     def forget_until(self, cutoff: float) -> None:
         """Drop releases at or before ``cutoff``."""
@@ -151,9 +151,9 @@ class Pacer:
         """Start the bucket full from the next release on: no burst (taking over, reloading)."""
         self._precharge = True
 
-    def note_release(self, at: float) -> None:
-        """Count a release made elsewhere (through Redis) in the window log."""
-        self._recent.add(at)
+    def note_release(self, at: float, releases: int = 1) -> None:
+        """Count a release made elsewhere (through Redis, or before a restart)."""
+        self._recent.add(at, releases)
 
     def pause(self, until: float) -> None:
         """Release nothing before loop time ``until`` (the upstream asked us to back off)."""
