@@ -58,7 +58,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # as tcproxy: large prompts pass
     app["upstream"] = args.upstream
     app.cleanup_ctx.append(session)
     app.router.add_route("*", "/{tail:.*}", forward)

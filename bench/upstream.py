@@ -34,7 +34,7 @@ LAST = (
 
 
 async def handle(request: web.BaseRequest) -> web.StreamResponse:
-    body = await request.read()
+    body = await request.content.read()  # no size cap: bench/large.py sends 10 MiB prompts
     if b'"stream": true' not in body and b'"stream":true' not in body:
         return web.Response(body=COMPLETION, content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

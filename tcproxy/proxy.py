@@ -59,7 +59,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def _upstream_headers(
-    request: web.Request, state: State, record: RequestRecord, body: bytes
+    request: web.Request, state: State, record: RequestRecord, body: bytes | bytearray
 ) -> CIMultiDict[str]:
     """Built once the request's slot has come: a request waiting in the queue holds no copy."""
     headers = hdrs.to_upstream(
@@ -77,7 +77,7 @@ async def _send(
     record: RequestRecord,
     client: ClientConfig | None,
     target: str,
-    body: bytes,
+    body: bytes | bytearray,
 ) -> aiohttp.ClientResponse:
     loop = asyncio.get_running_loop()
     if record.model is None:  # no model, no documented limit: straight through
@@ -140,7 +140,7 @@ async def _upstream_answer(
     method: str,
     target: str,
     headers: CIMultiDict[str],
-    body: bytes,
+    body: bytes | bytearray,
 ) -> aiohttp.ClientResponse:
     """Send upstream, and keep the alarms for lasting conditions (token refused, balance spent)."""
     upstream = state.upstream

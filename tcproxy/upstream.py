@@ -83,7 +83,12 @@ class Upstream:
         self._timeout = _timeout(config)
 
     async def send(
-        self, model: str, method: str, target: str, headers: CIMultiDict[str], body: bytes
+        self,
+        model: str,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | bytearray,
     ) -> aiohttp.ClientResponse:
         """The upstream's response with headers read and the body still to come."""
         breaker = self.breaker(model)
@@ -104,7 +109,7 @@ class Upstream:
         return response
 
     async def _answer(
-        self, method: str, target: str, headers: CIMultiDict[str], body: bytes
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes | bytearray
     ) -> aiohttp.ClientResponse:
         url = self.config.base_url + target
         try:
@@ -112,7 +117,8 @@ class Upstream:
                 method,
                 URL(url, encoded=True),
                 headers=headers,
-                data=body or None,
+                # A view: aiohttp slices what it sends, and a slice of a bytearray is a copy.
+                data=memoryview(body) if body else None,
                 allow_redirects=False,
                 timeout=self._timeout,
             )

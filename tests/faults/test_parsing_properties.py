@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -51,6 +52,30 @@ def test_any_json_object_gives_a_model_or_a_client_error(document):
         return
     assert model == document["model"]
     assert stream is (document.get("stream") is True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=_objects, cut=st.integers(min_value=0, max_value=80))
+def test_a_broken_document_is_refused_as_the_full_parser_words_it(document, cut):
+    body = json.dumps(document).encode()
+    broken = body[: max(1, len(body) - cut)] if cut else body + b","
+    try:
+        json.loads(broken)
+    except ValueError:
+        with pytest.raises(ClientError) as caught:
+            find_model("POST", broken)
+        assert caught.value.code in ("invalid_json", "invalid_body")
+
+
+def test_a_large_prompt_is_read_past_for_model_and_stream_and_still_checked_whole():
+    prompt = 'a line with "quotes", \\ and a tab\t\n' * 300_000  # about 12 MB as JSON
+    body = json.dumps({"model": "gpt-4", "prompt": prompt, "stream": True}).encode()
+    assert len(body) > 10 * 1024 * 1024
+    assert find_model("POST", body) == ("gpt-4", True)
+    with pytest.raises(ClientError) as caught:
+        find_model("POST", body[:-1] + b", }")
+    assert caught.value.code == "invalid_json"
+    assert "line 1, column" in caught.value.message
 
 
 _segment = st.lists(
