@@ -125,7 +125,7 @@ def find_model(method: str, body: bytes | bytearray) -> tuple[str | None, bool]:
     try:
         head = _HEAD.decode(body)
         model, stream = head.model, head.stream
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # msgspec stops nesting at Python's limit
         model, stream = _explain(body)
     if model is msgspec.UNSET:
         raise BadRequest(

@@ -78,6 +78,15 @@ def test_a_large_prompt_is_read_past_for_model_and_stream_and_still_checked_whol
     assert "line 1, column" in caught.value.message
 
 
+@pytest.mark.parametrize("depth", [900, 1100, 1_000_000])
+def test_deep_nesting_is_read_or_refused_never_a_crash(depth):
+    body = b'{"model": "gpt-4", "deep": ' + b"[" * depth + b"]" * depth + b"}"
+    try:
+        assert find_model("POST", body) == ("gpt-4", False)
+    except ClientError as error:
+        assert error.code == "invalid_json" and "depth" in error.message
+
+
 _segment = st.lists(
     st.sampled_from([*"abcv1-_~eEfF/\\", "%2F", "%2e", "%00", "..", ".", "%"]), max_size=6
 ).map("".join)
