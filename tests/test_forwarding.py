@@ -168,3 +168,13 @@ async def test_every_response_carries_request_id_and_queue_ms(stack):
     ):
         assert len(response.headers["X-Request-Id"]) >= 16
         assert response.headers["X-TCProxy-Queue-Ms"].isdigit()
+
+
+async def test_a_large_prompt_reaches_the_upstream_whole(stack):
+    s = await stack()
+    words = [f"w{i}" for i in range(400_000)]  # about 3 MiB: it arrives in many pieces
+    body = {"model": "gpt-4", "prompt": " ".join(words), "max_tokens": 1, "stream": False}
+    response = await s.session.post(f"{s.url}/v1/completions", json=body)
+    assert response.status == 200
+    # The emulator counts the words of the prompt it received: every byte made it across.
+    assert (await response.json())["usage"]["prompt_tokens"] == len(words)
