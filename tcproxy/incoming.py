@@ -3,12 +3,13 @@
 Everything a client can get wrong is caught here with a 4xx that says what to fix. The body is
 read once, bounded in size and time, and kept as bytes: it is forwarded as received (or as
 aiohttp inflated it), and decoded only as far as ``model`` and ``stream``: the prompt and the
-rest are checked to be JSON but never built into Python objects.
+rest are checked to be UTF-8 JSON but never built into Python objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 from typing import Any
 from urllib.parse import unquote
 
@@ -20,6 +21,7 @@ from tcproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _MAX_MODEL_LENGTH = 200
+_UTF8_PIECE = 1024 * 1024
 
 
 def upstream_target(request: web.Request) -> str:
@@ -122,11 +124,8 @@ def find_model(method: str, body: bytes | bytearray) -> tuple[str | None, bool]:
             "the request body is empty; send a JSON object such as"
             ' {"model": "gpt-4", "prompt": "Hello"}',
         )
-    try:
-        head = _HEAD.decode(body)
-        model, stream = head.model, head.stream
-    except (msgspec.DecodeError, RecursionError):  # msgspec stops nesting at Python's limit
-        model, stream = _explain(body)
+    head = _read_head(body)
+    model, stream = (head.model, head.stream) if head is not None else _explain(body)
     if model is msgspec.UNSET:
         raise BadRequest(
             "model_missing", 'the request body needs a "model", e.g. {"model": "gpt-4", ...}'
@@ -145,6 +144,32 @@ def find_model(method: str, body: bytes | bytearray) -> tuple[str | None, bool]:
             "invalid_body", f'"stream" must be true or false, got {_json_kind(stream)}'
         )
     return model, stream is True
+
+
+def _read_head(body: bytes | bytearray) -> _Head | None:
+    """``model`` and ``stream`` the fast way, or None for a body that is not valid UTF-8 JSON
+    (the full parser then says what is wrong)."""
+    if not _is_utf8(body):  # msgspec does not check the strings it skips
+        return None
+    try:
+        return _HEAD.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # msgspec stops nesting at Python's limit
+        return None
+
+
+def _is_utf8(body: bytes | bytearray) -> bool:
+    if body.isascii():  # most bodies, and anything json.dumps wrote with its defaults
+        return True
+    # In pieces, so a large prompt is checked without building it whole as a str.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    try:
+        for start in range(0, len(view), _UTF8_PIECE):
+            decoder.decode(view[start : start + _UTF8_PIECE])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _explain(body: bytes | bytearray) -> tuple[Any, Any]:

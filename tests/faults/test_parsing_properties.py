@@ -78,6 +78,24 @@ def test_a_large_prompt_is_read_past_for_model_and_stream_and_still_checked_whol
     assert "line 1, column" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "gpt\xff"}',
+        b'{"model": "gpt-4", "stream": "\xff"}',
+        b'{"model": ["\xff"]}',
+        b'{"model": "gpt-4", "prompt": "\xc0\xaf"}',
+        b'{"model": "gpt-4", "prompt": "\xed\xa0\x80"}',
+        b'{"model": "gpt-4", "\xff": 1}',
+        b'{"model": "gpt-4", "prompt": "' + "\u00e9".encode()[:1] + b'"}',
+    ],
+)
+def test_a_body_that_is_not_utf8_is_invalid_json_wherever_the_bad_byte_is(body):
+    with pytest.raises(ClientError) as caught:
+        find_model("POST", body)
+    assert caught.value.code == "invalid_json"
+
+
 @pytest.mark.parametrize("depth", [900, 1100, 1_000_000])
 def test_deep_nesting_is_read_or_refused_never_a_crash(depth):
     body = b'{"model": "gpt-4", "deep": ' + b"[" * depth + b"]" * depth + b"}"
