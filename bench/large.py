@@ -9,8 +9,9 @@ pinned as in bench/perf.py:
 - time: the median of REQUESTS one-at-a-time requests, from sending the body to the last byte
   of the answer, and what the proxy adds to the direct time;
 - memory: PARALLEL such requests at once, and how far the proxy's peak RSS rose above its RSS
-  before them, in MiB and in bodies (``copies``: the rise divided by PARALLEL times the body size,
-  i.e. how many copies of each body the proxy held at its peak).
+  just before them, in MiB and in bodies (``copies``: the rise divided by PARALLEL times the body
+  size, i.e. how many copies of each body the proxy held at its peak beyond what the allocator
+  kept from the one-at-a-time requests, which is the same for every target).
 
 Medians over RUNS runs.
 """
