@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import orjson
-from common import free_port, peak_rss_mib, rss_mib
-from perf import HERE, pinned, spawn, start_target, stop, wait_listening
+from common import peak_rss_mib, rss_mib
+from perf import split_cores, start_target, start_upstream, stop
 
 MiB = 1024 * 1024
 SIZES = {"1 MiB": MiB, "10 MiB": 10 * MiB}
@@ -77,17 +75,9 @@ async def measure(
 
 
 async def main(runs: int, requests: int, parallel: int) -> None:
-    cores = os.cpu_count() or 1
-    proxy_core, other_core = (0, 1) if cores >= 2 else (None, None)
-    if other_core is not None:
-        os.sched_setaffinity(0, {other_core})
+    cores, proxy_core, other_core = split_cores()
     folder = Path(tempfile.mkdtemp(prefix="tcproxy-large-"))
-    up_port = free_port()
-    upstream_process = await spawn(
-        pinned(other_core, [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port)])
-    )
-    upstream = f"http://127.0.0.1:{up_port}"
-    await wait_listening(upstream + "/")
+    upstream_process, upstream = await start_upstream(other_core)
     bodies = {label: body_of(size) for label, size in SIZES.items()}
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print(

@@ -218,19 +218,31 @@ async def start_target(
     return url, process
 
 
-async def main(runs: int, seconds: float, connections: int) -> None:
+def split_cores() -> tuple[int, int | None, int | None]:
+    """(cores, the proxy's core, everyone else's core); this process moves to the latter."""
     cores = os.cpu_count() or 1
     proxy_core, other_core = (0, 1) if cores >= 2 else (None, None)
     if other_core is not None:
         os.sched_setaffinity(0, {other_core})
+    return cores, proxy_core, other_core
+
+
+async def start_upstream(core: int | None) -> tuple[asyncio.subprocess.Process, str]:
+    """bench/upstream.py on a free port, pinned to ``core``, once it answers."""
+    port = free_port()
+    process = await spawn(
+        pinned(core, [sys.executable, str(HERE / "upstream.py"), "--port", str(port)])
+    )
+    url = f"http://127.0.0.1:{port}"
+    await wait_listening(url + "/")
+    return process, url
+
+
+async def main(runs: int, seconds: float, connections: int) -> None:
+    cores, proxy_core, other_core = split_cores()
     use_wrk = shutil.which("wrk") is not None
     folder = Path(tempfile.mkdtemp(prefix="tcproxy-perf-"))
-    up_port = free_port()
-    upstream_process = await spawn(
-        pinned(other_core, [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port)])
-    )
-    upstream = f"http://127.0.0.1:{up_port}"
-    await wait_listening(upstream + "/")
+    upstream_process, upstream = await start_upstream(other_core)
     script = wrk_script(folder)
     figures = {name: Figures() for name in TARGETS}
     print(
