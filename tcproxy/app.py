@@ -21,7 +21,7 @@ from tcproxy.metrics import METRICS, Metrics
 from tcproxy.pacing import Limiter
 from tcproxy.quotas import Budgets
 from tcproxy.state import STATE, State
-from tcproxy.upstream import Upstream, make_session
+from tcproxy.upstream import Upstream
 
 
 def build_app(
@@ -73,11 +73,10 @@ def build_app(
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    session = make_session()
-    state.upstream = Upstream(state.config.upstream, session)
+    upstream = state.upstream = Upstream(state.config.upstream)
     yield
     state.upstream = None
-    await session.close()
+    upstream.close()
 
 
 async def _ledger(app: web.Application) -> AsyncIterator[None]:

@@ -70,7 +70,7 @@ def to_upstream(
     return out
 
 
-def from_upstream(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def from_upstream(headers: CIMultiDict[str]) -> CIMultiDict[str]:
     """Headers relayed to the client: the end-to-end ones.
 
     Content-Length stays: the body is relayed byte for byte, encoding included, so the length

@@ -15,7 +15,6 @@ import random
 import time
 from email.utils import parsedate_to_datetime
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
@@ -24,10 +23,11 @@ from tcproxy import headers as hdrs
 from tcproxy.accounting import UsageSniffer
 from tcproxy.config.model import ClientConfig
 from tcproxy.errors import BadGateway, ServiceUnavailable
+from tcproxy.http1 import UpstreamFailure, UpstreamTimeout
 from tcproxy.incoming import find_model, read_body, upstream_target
 from tcproxy.record import RECORD, RequestRecord
 from tcproxy.state import STATE, State
-from tcproxy.upstream import drain_and_release
+from tcproxy.upstream import Response, drain_and_release
 
 log = structlog.get_logger("tcproxy.proxy")
 
@@ -78,7 +78,7 @@ async def _send(
     client: ClientConfig | None,
     target: str,
     body: bytes | bytearray,
-) -> aiohttp.ClientResponse:
+) -> Response:
     loop = asyncio.get_running_loop()
     if record.model is None:  # no model, no documented limit: straight through
         headers = _upstream_headers(request, state, record, body)
@@ -141,7 +141,7 @@ async def _upstream_answer(
     target: str,
     headers: CIMultiDict[str],
     body: bytes | bytearray,
-) -> aiohttp.ClientResponse:
+) -> Response:
     """Send upstream, and keep the alarms for lasting conditions (token refused, balance spent)."""
     upstream = state.upstream
     assert upstream is not None, "the upstream session is opened at start-up"
@@ -191,7 +191,7 @@ def _backoff(attempt: int) -> float:
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, record: RequestRecord, cap: int
+    request: web.Request, upstream: Response, record: RequestRecord, cap: int
 ) -> web.StreamResponse:
     """Stream the upstream's answer to the client as it arrives.
 
@@ -202,7 +202,8 @@ async def _relay(
     content_type = upstream.headers.get("Content-Type", "")
     sse = content_type.startswith("text/event-stream")
     sniffer = UsageSniffer(content_type, upstream.headers.get("Content-Encoding", ""))
-    if not sse and upstream.content.is_eof() and (upstream.content_length or 0) <= cap:
+    # (A HEAD answer goes the long way: it keeps the Content-Length of the body it stands for.)
+    if not sse and upstream.complete and upstream.buffered <= cap and request.method != "HEAD":
         return _whole(upstream, record, sniffer, started)
     response = web.StreamResponse(
         status=upstream.status,
@@ -210,16 +211,15 @@ async def _relay(
         headers=hdrs.from_upstream(upstream.headers),
     )
     record.stamp(response)
-    content = upstream.content
     try:
         await response.prepare(request)
         while True:
             try:
-                chunk = await content.readany()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                chunk = await upstream.read()
+            except UpstreamFailure as exc:
                 # The upstream broke off (reset, timeout) after its headers were relayed.
                 record.error = (
-                    "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_reset"
+                    "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_reset"
                 )
                 break
             if not chunk:
@@ -250,13 +250,13 @@ async def _relay(
 
 
 def _whole(
-    upstream: aiohttp.ClientResponse, record: RequestRecord, sniffer: UsageSniffer, started: float
+    upstream: Response, record: RequestRecord, sniffer: UsageSniffer, started: float
 ) -> web.Response:
     """An answer that arrived complete with its headers (most completions): sent in one piece.
 
     Nothing waits here: relaying "as it arrives" and relaying at once are the same thing.
     """
-    body = upstream.content.read_nowait()
+    body = upstream.take()
     upstream.release()
     sniffer.feed(body)
     record.usage = sniffer.usage()

@@ -1,14 +1,14 @@
-"""The way to the upstream: one shared ClientSession and what its failures mean to a client.
+"""The way to the upstream, and what its failures mean to a client.
 
-The session is made once per application (in a cleanup context) with settings a proxy needs and
-aiohttp's defaults get wrong for one:
+Requests go through ``http1.Pool``, made for the base URL with what a proxy needs and a
+general-purpose client gets wrong for one:
 
 - redirects are never followed (a 30x would carry the token to another origin): answered 502;
 - no total timeout (it would cut any stream longer than five minutes): a connect timeout and a
-  per-read timeout instead;
+  timeout on silence between the upstream's bytes instead;
 - responses are not decompressed: bytes are relayed as they came, with their Content-Encoding;
-- no cookie jar (one client's cookies must never ride along with another's request), and no
-  proxy settings taken from the environment;
+- no cookies (one client's cookies must never ride along with another's request), and no proxy
+  settings taken from the environment;
 - no connection limit: the pacer decides how many requests go, and a pool limit would hold
   released requests back and let them reach the upstream in a bunch.
 
@@ -17,27 +17,16 @@ This module knows the token only as the header value it is handed; it knows noth
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
-import aiohttp
 from multidict import CIMultiDict
-from yarl import URL
 
+from tcproxy import http1
 from tcproxy.breaker import Breaker
 from tcproxy.config.model import UpstreamConfig
-from tcproxy.errors import BadGateway, GatewayTimeout, ProxyError
+from tcproxy.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError
 
-
-def make_session() -> aiohttp.ClientSession:
-    """The session. Timeouts and the base URL come with each request, so reloads can change them."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
+Response = http1.Response
 
 
 _MAX_BREAKERS = 1000
@@ -45,22 +34,11 @@ _MAX_BREAKERS = 1000
 _NOT_A_FAILURE = frozenset({"upstream_auth_failed", "upstream_redirect"})
 
 
-def _timeout(config: UpstreamConfig) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        # connect also bounds name resolution (sock_connect does not); with no pool limit there
-        # is no wait for a free connection inside it.
-        total=None,
-        connect=config.connect_timeout,
-        sock_connect=config.connect_timeout,
-        sock_read=config.read_timeout,
-    )
-
-
 class Upstream:
     """Sends one request upstream and maps every way that can fail to a tcproxy error."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._pool: http1.Pool | None = None
         self.failures: Counter[str] = Counter()  # by error code, for /-/status and /metrics
         self.reachable: bool | None = None  # None: not tried yet
         self._breakers: dict[str, Breaker] = {}
@@ -80,7 +58,14 @@ class Upstream:
     def configure(self, config: UpstreamConfig) -> None:
         """Use a reloaded config for the requests that follow."""
         self.config = config
-        self._timeout = _timeout(config)
+        if self._pool is None or self._pool.origin.base_url != config.base_url:
+            if self._pool is not None:
+                self._pool.retire()
+            self._pool = http1.Pool(http1.Origin(config.base_url))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
     async def send(
         self,
@@ -89,7 +74,7 @@ class Upstream:
         target: str,
         headers: CIMultiDict[str],
         body: bytes | bytearray,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """The upstream's response with headers read and the body still to come."""
         breaker = self.breaker(model)
         breaker.check(send=True)
@@ -110,52 +95,45 @@ class Upstream:
 
     async def _answer(
         self, method: str, target: str, headers: CIMultiDict[str], body: bytes | bytearray
-    ) -> aiohttp.ClientResponse:
-        url = self.config.base_url + target
+    ) -> Response:
+        config = self.config
+        assert self._pool is not None
         try:
-            response = await self._session.request(
-                method,
-                URL(url, encoded=True),
-                headers=headers,
-                # A view: aiohttp slices what it sends, and a slice of a bytearray is a copy.
-                data=memoryview(body) if body else None,
-                allow_redirects=False,
-                timeout=self._timeout,
+            response = await self._pool.request(
+                method, target, headers, body, config.connect_timeout, config.read_timeout
             )
-        except aiohttp.SocketTimeoutError:
+        except http1.UpstreamTimeout:
             raise GatewayTimeout(
                 "upstream_timeout",
-                f"the upstream did not answer within {self.config.read_timeout:g}s"
+                f"the upstream did not answer within {config.read_timeout:g}s"
                 " (upstream.read_timeout); the request was sent and is not retried",
             ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except http1.ConnectFailed as exc:
             self.reachable = False
             raise BadGateway(
                 "upstream_unreachable",
-                f"cannot connect to the upstream at {_origin(self.config.base_url)}"
-                f" ({exc.strerror or type(exc).__name__}); check upstream.base_url and the network",
+                f"cannot connect to the upstream at {self._pool.origin.display}"
+                f" ({exc.reason}); check upstream.base_url and the network",
             ) from None
-        except TimeoutError:
+        except http1.ConnectTimeout:
             self.reachable = False
             raise GatewayTimeout(
                 "upstream_timeout",
-                f"connecting to the upstream took longer than {self.config.connect_timeout:g}s"
+                f"connecting to the upstream took longer than {config.connect_timeout:g}s"
                 " (upstream.connect_timeout)",
             ) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        except http1.UpstreamReset:
             raise BadGateway(
                 "upstream_reset",
                 "the upstream closed the connection before answering; the request may or may"
                 " not have been processed, so it is not retried",
             ) from None
-        except aiohttp.ClientResponseError:
+        except http1.BadResponse:
             raise BadGateway(
                 "upstream_bad_response", "the upstream sent a response that is not valid HTTP"
             ) from None
-        except aiohttp.ClientError as exc:
-            raise BadGateway(
-                "upstream_error", f"the request to the upstream failed ({type(exc).__name__})"
-            ) from None
+        except ValueError as exc:
+            raise BadRequest("bad_header", f"the request cannot be sent upstream: {exc}") from None
         self.reachable = True
         if 300 <= response.status < 400:
             response.release()
@@ -175,17 +153,6 @@ class Upstream:
         return response
 
 
-def _origin(url: str) -> str:
-    parsed = URL(url)
-    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
-
-
-async def drain_and_release(response: aiohttp.ClientResponse, cap: int = 64 * 1024) -> None:
+async def drain_and_release(response: Response, cap: int = 64 * 1024) -> None:
     """Read a small refused answer so its connection can be reused; close it if it is large."""
-    try:
-        async with asyncio.timeout(5):
-            await response.content.read(cap)
-    except (TimeoutError, aiohttp.ClientError):
-        pass
-    finally:
-        response.release()
+    await response.drain(cap, timeout=5)
