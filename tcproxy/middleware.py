@@ -1,10 +1,11 @@
 """Around every request: its id, its one access log line, and errors in the OpenAI shape.
 
 ``observe`` is the only middleware. It gives each request a ``RequestRecord`` and a request id
-(the client's ``X-Request-Id`` when it is sane), binds the id to the log context, turns tcproxy's
-errors and aiohttp's own (404, 405) into ``{"error": {...}}`` with ``X-TCProxy-Error``, and when
-the request ends — answered, failed or abandoned by its client — writes the canonical log line
-and hands the record to whoever counts (``State.observers``: metrics, the usage ledger).
+(the client's ``X-Request-Id`` when it is sane), turns tcproxy's errors and aiohttp's own (404,
+405) into ``{"error": {...}}`` with ``X-TCProxy-Error``, and when the request ends — answered,
+failed or abandoned by its client — writes the canonical log line and hands the record to
+whoever counts (``State.observers``: metrics, budgets, the usage ledger), right after the answer
+is sent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tcproxy.access import check_network
 from tcproxy.errors import ProxyError, for_status
 from tcproxy.log import enabled
 from tcproxy.record import RECORD, RequestRecord
-from tcproxy.state import STATE
+from tcproxy.state import STATE, State
 
 log = structlog.get_logger("tcproxy.access")
 
@@ -64,7 +65,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error_response(record, error)
     finally:
         record.total_s = loop.time() - record.started
-        _finish(request, record)
+        # Counted and logged once the answer is on its way: aiohttp sends it when this returns,
+        # and nothing here should stand between a client and its response. The callback still
+        # runs before the loop reads anyone's next request, so budgets are never a step behind.
+        loop.call_soon(_finish, request.app[STATE], record)
 
 
 def _error_response(record: RequestRecord, error: ProxyError) -> web.Response:
@@ -91,13 +95,15 @@ def _translate(request: web.Request, exc: web.HTTPException) -> ProxyError:
     return for_status(exc.status, "http_error", exc.reason)
 
 
-def _finish(request: web.Request, record: RequestRecord) -> None:
-    state = request.app[STATE]
-    for observer in state.observers:
-        observer(record)
-    if record.path.startswith("/-/") or record.path == "/metrics":
-        level = "debug"
-    else:
-        level = "warning" if record.status >= 500 else "info"
-    if enabled(level):
-        getattr(log, level)("request", **record.fields())
+def _finish(state: State, record: RequestRecord) -> None:
+    try:
+        for observer in state.observers:
+            observer(record)
+        if record.path.startswith("/-/") or record.path == "/metrics":
+            level = "debug"
+        else:
+            level = "warning" if record.status >= 500 else "info"
+        if enabled(level):
+            getattr(log, level)("request", **record.fields())
+    except Exception:  # a bug in counting must not take the loop's callbacks down with it
+        log.error("counting a finished request failed", request_id=record.request_id, exc_info=True)
