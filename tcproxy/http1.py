@@ -450,11 +450,12 @@ class Pool:
         except TimeoutError:
             raise ConnectTimeout(f"connecting took longer than {timeout:g}s") from None
         except ssl.SSLCertVerificationError as exc:
-            raise ConnectFailed(f"TLS certificate not trusted: {exc.verify_message}") from None
+            reason = exc.verify_message or exc.reason
+            raise ConnectFailed(f"TLS certificate not trusted: {reason}") from None
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS: {exc.reason or exc}") from None
         except OSError as exc:
-            raise ConnectFailed(exc.strerror or type(exc).__name__) from None
+            raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
         self._all.add(connection)
         return connection
 

@@ -27,7 +27,7 @@ from tcproxy.http1 import UpstreamFailure, UpstreamTimeout
 from tcproxy.incoming import find_model, read_body, upstream_target
 from tcproxy.record import RECORD, RequestRecord
 from tcproxy.state import STATE, State
-from tcproxy.upstream import Response, drain_and_release
+from tcproxy.upstream import UpstreamResponse, drain_and_release
 
 log = structlog.get_logger("tcproxy.proxy")
 
@@ -78,7 +78,7 @@ async def _send(
     client: ClientConfig | None,
     target: str,
     body: bytes | bytearray,
-) -> Response:
+) -> UpstreamResponse:
     loop = asyncio.get_running_loop()
     if record.model is None:  # no model, no documented limit: straight through
         headers = _upstream_headers(request, state, record, body)
@@ -141,7 +141,7 @@ async def _upstream_answer(
     target: str,
     headers: CIMultiDict[str],
     body: bytes | bytearray,
-) -> Response:
+) -> UpstreamResponse:
     """Send upstream, and keep the alarms for lasting conditions (token refused, balance spent)."""
     upstream = state.upstream
     assert upstream is not None, "the upstream session is opened at start-up"
@@ -191,7 +191,7 @@ def _backoff(attempt: int) -> float:
 
 
 async def _relay(
-    request: web.Request, upstream: Response, record: RequestRecord, cap: int
+    request: web.Request, upstream: UpstreamResponse, record: RequestRecord, cap: int
 ) -> web.StreamResponse:
     """Stream the upstream's answer to the client as it arrives.
 
@@ -250,7 +250,7 @@ async def _relay(
 
 
 def _whole(
-    upstream: Response, record: RequestRecord, sniffer: UsageSniffer, started: float
+    upstream: UpstreamResponse, record: RequestRecord, sniffer: UsageSniffer, started: float
 ) -> web.Response:
     """An answer that arrived complete with its headers (most completions): sent in one piece.
 

@@ -26,7 +26,7 @@ from tcproxy.breaker import Breaker
 from tcproxy.config.model import UpstreamConfig
 from tcproxy.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError
 
-Response = http1.Response
+UpstreamResponse = http1.Response
 
 
 _MAX_BREAKERS = 1000
@@ -74,7 +74,7 @@ class Upstream:
         target: str,
         headers: CIMultiDict[str],
         body: bytes | bytearray,
-    ) -> Response:
+    ) -> UpstreamResponse:
         """The upstream's response with headers read and the body still to come."""
         breaker = self.breaker(model)
         breaker.check(send=True)
@@ -95,7 +95,7 @@ class Upstream:
 
     async def _answer(
         self, method: str, target: str, headers: CIMultiDict[str], body: bytes | bytearray
-    ) -> Response:
+    ) -> UpstreamResponse:
         config = self.config
         assert self._pool is not None
         try:
@@ -153,6 +153,6 @@ class Upstream:
         return response
 
 
-async def drain_and_release(response: Response, cap: int = 64 * 1024) -> None:
+async def drain_and_release(response: UpstreamResponse, cap: int = 64 * 1024) -> None:
     """Read a small refused answer so its connection can be reused; close it if it is large."""
     await response.drain(cap, timeout=5)
