@@ -6,7 +6,9 @@ Starts the emulator and tcproxy (gpt-4 at 1 rpm, so every request but the first 
 separate processes. Each cycle opens WAITERS connections that each send one request, waits until
 all are queued, measures the proxy's RSS and open files and how fast ``/-/healthy`` answers
 meanwhile, then has every client hang up and checks that the queue empties. Repeated cycles show
-whether anything is left behind.
+whether anything is left behind. Then the same is measured once for bench/hold_server.py, a bare
+aiohttp server whose handler reads the body and waits: aiohttp's own cost per waiting request,
+the floor under tcproxy's.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
-from common import percentile, rss_mib, start_emulator, start_proxy
+from common import free_port, percentile, rss_mib, start_emulator, start_proxy
 
+HERE = Path(__file__).resolve().parent
 BODY = {"model": "gpt-4", "prompt": "wait", "max_tokens": 1}
 
 
@@ -108,6 +113,34 @@ async def main(waiters: int, cycles: int) -> None:
     finally:
         await proxy.stop()
         await emulator.stop()
+    await reference(waiters)
+
+
+async def reference(waiters: int) -> None:
+    """One cycle against bench/hold_server.py, for the floor aiohttp itself sets."""
+    port = free_port()
+    script = HERE / "hold_server.py"
+    server = await asyncio.create_subprocess_exec(sys.executable, str(script), "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as probe:
+            for _ in range(100):
+                try:
+                    await healthy_latency(probe, url, count=1)
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            idle_rss = rss_mib(server.pid)
+            row = await cycle(0, url, waiters, probe, server.pid)
+        held_rss = float(row.split()[3])
+        print(
+            f"\nbare aiohttp holding {waiters} requests (bench/hold_server.py): idle {idle_rss:.1f}"
+            f" MiB, holding {held_rss:.1f} MiB, about"
+            f" {(held_rss - idle_rss) * 1024 / waiters:.1f} KiB per waiting request"
+        )
+    finally:
+        server.terminate()
+        await server.wait()
 
 
 if __name__ == "__main__":
