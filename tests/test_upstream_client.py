@@ -20,7 +20,7 @@ import trustme
 from tcproxy import http1
 from tcproxy.emulator import Emulator, EmulatorSettings
 from tcproxy.server import listen
-from tests.conftest import UPSTREAM_TOKEN
+from tests.conftest import UPSTREAM_TOKEN, proxy_config
 from tests.faults.checks import expect_error
 
 COMPLETION = json.dumps(
@@ -44,7 +44,8 @@ class Scripted:
     """
 
     reply: Reply
-    connections: int = 0
+    connections: int = 0  # opened so far
+    open: int = 0  # open now
     requests: list[bytes] = dataclasses.field(default_factory=list)
     server: asyncio.Server | None = None
 
@@ -59,6 +60,7 @@ class Scripted:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -73,6 +75,7 @@ class Scripted:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.open -= 1
             writer.close()
 
     async def close(self) -> None:
@@ -284,3 +287,21 @@ async def test_a_tls_upstream_is_verified(stack, tmp_path, monkeypatch):
         assert (await response.read()).rstrip().endswith(b"data: [DONE]")
     finally:
         await upstream.close()
+
+
+async def test_a_reloaded_base_url_takes_the_next_request_and_drops_the_old_connections(
+    stack, scripted
+):
+    old = await scripted(fixed(ok(b'{"from": "old"}')))
+    new = await scripted(fixed(ok(b'{"from": "new"}')))
+    s = await stack(upstream_url=old.url)
+    assert await (await s.complete()).json() == {"from": "old"}
+    config = proxy_config(new.url)
+    s.state.apply(config, s.state.token)
+    assert await (await s.complete()).json() == {"from": "new"}
+    for _ in range(20):  # the old upstream sees its idle connection closed
+        if old.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert old.open == 0
+    assert new.open == 1
