@@ -34,6 +34,8 @@ from multidict import CIMultiDict
 _IDLE_EXPIRY = 15.0  # seconds a kept-alive connection may sit unused before it is closed
 _HIGH_WATER = 256 * 1024  # unread body bytes that pause reading from the upstream
 _LOW_WATER = 64 * 1024
+# Requests sent again on a fresh connection when a reused one closed before any answer.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class UpstreamFailure(Exception):
@@ -180,6 +182,8 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._reusable = True
+        self._got_bytes = False  # any byte of the current answer
+        self._closed_by_us = False
         self.idle_since = 0.0
         self.closed = False
 
@@ -191,7 +195,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
-        if self._response is None:  # nothing was asked: a broken or hostile upstream
+        self._got_bytes = True
+        response = self._response
+        if response is None or response.complete:  # nothing was asked: broken or hostile
             self.close()
             return
         try:
@@ -200,6 +206,8 @@ class Connection(asyncio.Protocol):
             self._failed(BadResponse("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._failed(BadResponse(str(exc) or type(exc).__name__))
+        except UpstreamFailure as exc:  # raised by a callback below
+            self._failed(exc)
 
     def eof_received(self) -> bool | None:
         self._reusable = False
@@ -212,7 +220,13 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         response = self._response
-        if response is not None and response._until_close and response.status and exc is None:
+        if (
+            response is not None
+            and response._until_close
+            and response.status
+            and exc is None
+            and not self._closed_by_us
+        ):
             self._message_complete()  # the same, where TLS ended without a close_notify
         self._failed(UpstreamReset("the upstream closed the connection"))
         self._pool.forget(self)
@@ -221,9 +235,15 @@ class Connection(asyncio.Protocol):
         pass
 
     def resume_writing(self) -> None:
-        pass
+        self._last_read = self._loop.time()  # the upstream is taking the body: not silent
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        response = self._response
+        if response is None or response.complete:
+            # A second answer to one request: stop here, before it touches the first one.
+            raise BadResponse("the upstream sent more than one answer")
 
     def on_status(self, reason: bytes) -> None:
         assert self._response is not None
@@ -247,9 +267,13 @@ class Connection(asyncio.Protocol):
         for name, value in response._raw_headers:
             headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
         response._raw_headers = []
+        # RFC 9112 6.3: chunked framing wins; a length comes next; else the body runs to the close
+        # (also when the last transfer coding is not chunked).
+        codings = ",".join(headers.getall("Transfer-Encoding", ()))
+        chunked = codings.rpartition(",")[2].strip().lower() == "chunked"
         response._until_close = (
-            "Content-Length" not in headers
-            and "Transfer-Encoding" not in headers
+            not chunked
+            and (bool(codings) or "Content-Length" not in headers)
             and status not in (204, 304)
         )
         if response._head_only:
@@ -280,6 +304,7 @@ class Connection(asyncio.Protocol):
         """Write one request and wait for the answer's headers."""
         transport = self.transport
         assert transport is not None and self._response is None
+        self._got_bytes = False
         if self.closed or transport.is_closing():
             raise UpstreamReset("the connection closed before the request was sent")
         response = self._response = Response(self, head_only)
@@ -332,8 +357,13 @@ class Connection(asyncio.Protocol):
             self._last_read = self._loop.time()  # the pause was ours, not the upstream's silence
             self.transport.resume_reading()
 
+    @property
+    def got_bytes(self) -> bool:
+        return self._got_bytes
+
     def close(self) -> None:
         self.closed = True
+        self._closed_by_us = True
         self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
@@ -343,6 +373,8 @@ class Connection(asyncio.Protocol):
     def _message_complete(self) -> None:
         response = self._response
         assert response is not None
+        if response._failure is not None:
+            return  # already ended badly: a close after a timeout is not the end of the body
         response.complete = True
         self._cancel_timer()
         response._wake()
@@ -397,20 +429,40 @@ class Pool:
     ) -> Response:
         """Send one request; the answer once its headers are in. Raises UpstreamFailure."""
         head = self._head(method, target, headers, len(body))
-        connection = self._take_idle() or await self._connect(connect_timeout)
+        connection = self._take_idle()
+        if connection is None:
+            connection = await self._connect(connect_timeout)
+        elif method in _IDEMPOTENT:
+            try:
+                return await connection.send(head, body, read_timeout, method == "HEAD")
+            except UpstreamReset:
+                if connection.got_bytes:
+                    raise
+                # A kept-alive connection the upstream closed as the request went out: as
+                # aiohttp and Go's client do, an idempotent request gets one fresh connection.
+                connection = await self._connect(connect_timeout)
         return await connection.send(head, body, read_timeout, method == "HEAD")
 
     def put_back(self, connection: Connection) -> None:
         if self._retired:
             connection.close()
             return
-        connection.idle_since = self.loop.time()
-        self._idle.append(connection)
+        now = connection.idle_since = self.loop.time()
+        idle = self._idle
+        idle.append(connection)
+        # The LIFO list keeps its oldest at the bottom, where taking never reaches under steady
+        # traffic: a burst's extra connections are closed here once they expire.
+        while now - idle[0].idle_since > _IDLE_EXPIRY:
+            idle.pop(0).close()
 
     def forget(self, connection: Connection) -> None:
         self._all.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._all)
 
     def retire(self) -> None:
         """The base URL changed: close idle connections now and busy ones when they finish."""

@@ -39,6 +39,7 @@ class Upstream:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._pool: http1.Pool | None = None
+        self._retired: list[http1.Pool] = []  # earlier base URLs' pools, busy ones still closing
         self.failures: Counter[str] = Counter()  # by error code, for /-/status and /metrics
         self.reachable: bool | None = None  # None: not tried yet
         self._breakers: dict[str, Breaker] = {}
@@ -61,11 +62,13 @@ class Upstream:
         if self._pool is None or self._pool.origin.base_url != config.base_url:
             if self._pool is not None:
                 self._pool.retire()
+                self._retired = [p for p in self._retired if p.busy] + [self._pool]
             self._pool = http1.Pool(http1.Origin(config.base_url))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+        for pool in [*self._retired, self._pool]:
+            if pool is not None:
+                pool.close()
 
     async def send(
         self,

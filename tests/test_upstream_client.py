@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trustme
+from multidict import CIMultiDict
 
 from tcproxy import http1
 from tcproxy.emulator import Emulator, EmulatorSettings
@@ -305,3 +306,89 @@ async def test_a_reloaded_base_url_takes_the_next_request_and_drops_the_old_conn
         await asyncio.sleep(0.05)
     assert old.open == 0
     assert new.open == 1
+
+
+async def test_a_second_answer_to_one_request_is_dropped_with_its_connection(stack, scripted):
+    extra = b"HTTP/1.1 404 Nope\r\nContent-Length: 3\r\n\r\nbye"
+    upstream = await scripted(fixed(ok() + extra))
+    s = await stack(upstream_url=upstream.url)
+    for _ in range(2):
+        response = await s.complete()
+        assert response.status == 200
+        assert await response.read() == COMPLETION
+    assert upstream.connections == 2
+
+
+async def test_a_body_framed_by_another_transfer_coding_runs_to_the_close(stack, scripted):
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: gzip\r\n\r\nbytes"
+    upstream = await scripted(fixed(answer, keep=False))
+    s = await stack(upstream_url=upstream.url)
+    response = await s.complete()
+    assert response.status == 200
+    assert await response.read() == b"bytes"
+
+
+async def test_a_stale_connection_is_retried_for_get_and_not_for_post(stack, scripted):
+    served: set[int] = set()
+
+    async def reply(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        if id(writer) in served:
+            return False  # closes as a second request arrives, answering nothing
+        served.add(id(writer))
+        writer.write(ok())
+        await writer.drain()
+        return True
+
+    upstream = await scripted(reply)
+    s = await stack(upstream_url=upstream.url)
+    assert (await s.session.get(s.url + "/v1/models")).status == 200
+    # The kept-alive connection fails as the request goes out: a GET gets a fresh one...
+    assert (await s.session.get(s.url + "/v1/models")).status == 200
+    assert upstream.connections == 2
+    # ...a POST (a completion that may have been billed) is not sent twice.
+    await expect_error(await s.complete(), 502, "upstream_reset")
+    assert upstream.connections == 2
+
+
+async def test_a_burst_s_extra_connections_close_once_idle_under_steady_traffic(
+    stack, scripted, monkeypatch
+):
+    monkeypatch.setattr(http1, "_IDLE_EXPIRY", 0.2)
+
+    async def reply(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        await asyncio.sleep(0.05)  # long enough for a burst to need a connection each
+        writer.write(ok())
+        await writer.drain()
+        return True
+
+    upstream = await scripted(reply)
+    s = await stack(upstream_url=upstream.url)
+    responses = await asyncio.gather(*(s.complete() for _ in range(4)))
+    assert [r.status for r in responses] == [200] * 4
+    assert upstream.open == 4
+    for _ in range(12):  # steady traffic, always on the newest idle connection
+        assert (await s.complete()).status == 200
+    await asyncio.sleep(0.05)
+    assert upstream.open == 1
+
+
+async def test_a_body_cut_by_silence_is_never_taken_for_whole(scripted):
+    async def reply(writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart")  # no length: it runs to the close
+        await writer.drain()
+        for _ in range(100):  # then silence, until the proxy gives up on it
+            if writer.is_closing():
+                break
+            await asyncio.sleep(0.02)
+        return False
+
+    upstream = await scripted(reply)
+    pool = http1.Pool(http1.Origin(upstream.url))
+    try:
+        response = await pool.request("POST", "/v1/completions", CIMultiDict(), b"{}", 1.0, 0.2)
+        await asyncio.sleep(0.5)  # the silence passes while nobody is reading
+        assert await response.read() == b"part"
+        with pytest.raises(http1.UpstreamTimeout):
+            await response.read()
+    finally:
+        pool.close()
