@@ -7,6 +7,7 @@ that scale; the safety margin is real time (it covers loopback jitter, not upstr
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -23,7 +24,21 @@ def paced(rpm: int = RPM, extra: str = "", margin: float = 0.01) -> str:
 
 
 async def saturate(s, minutes: float, workers: int = 40) -> list[int]:
-    """Keep the gpt-4 queue full for ``minutes`` emulated minutes; returns the statuses."""
+    """Keep the gpt-4 queue full for ``minutes`` emulated minutes; returns the statuses.
+
+    The proxy and the emulator share this process with everything pytest has gathered so far: a
+    full garbage collection of all that mid-run stalls both for long enough to cost a few of
+    the scaled run's 17 ms slots. So everything alive now is collected and frozen first.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        return await _saturate(s, minutes, workers)
+    finally:
+        gc.unfreeze()
+
+
+async def _saturate(s, minutes: float, workers: int) -> list[int]:
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + minutes * 60 / SCALE
     statuses: list[int] = []
