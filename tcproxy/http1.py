@@ -231,10 +231,7 @@ class Connection(asyncio.Protocol):
         self._failed(UpstreamReset("the upstream closed the connection"))
         self._pool.forget(self)
 
-    def pause_writing(self) -> None:  # a large request body: the transport buffers it
-        pass
-
-    def resume_writing(self) -> None:
+    def resume_writing(self) -> None:  # a large request body drained below the high mark
         self._last_read = self._loop.time()  # the upstream is taking the body: not silent
 
     # httptools callbacks

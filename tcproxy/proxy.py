@@ -27,7 +27,7 @@ from tcproxy.http1 import UpstreamFailure, UpstreamTimeout
 from tcproxy.incoming import find_model, read_body, upstream_target
 from tcproxy.record import RECORD, RequestRecord
 from tcproxy.state import STATE, State
-from tcproxy.upstream import UpstreamResponse, drain_and_release
+from tcproxy.upstream import UpstreamResponse
 
 log = structlog.get_logger("tcproxy.proxy")
 
@@ -130,7 +130,7 @@ async def _send(
             pause_s=round(pause, 3),
             retry=record.retries + 1,
         )
-        await drain_and_release(response)
+        await response.drain(64 * 1024, timeout=5)  # so its connection can be reused
         record.retries += 1
 
 

@@ -154,8 +154,3 @@ class Upstream:
                 " upstream.token_file or the systemd credential) and reload",
             )
         return response
-
-
-async def drain_and_release(response: UpstreamResponse, cap: int = 64 * 1024) -> None:
-    """Read a small refused answer so its connection can be reused; close it if it is large."""
-    await response.drain(cap, timeout=5)
