@@ -21,7 +21,9 @@ async def hold(request: web.Request) -> web.Response:
     await request.read()
     request.app[HELD][0] += 1
     try:
-        await asyncio.Event().wait()  # until the client hangs up and the handler is cancelled
+        # A bare future, the least a waiting handler can hold (an Event would add a deque);
+        # it is never set: the client hangs up and aiohttp cancels the handler.
+        await asyncio.get_running_loop().create_future()
     finally:
         request.app[HELD][0] -= 1
     raise AssertionError("unreachable")
