@@ -495,6 +495,11 @@ class Pool:
                     origin.port,
                     ssl=self._tls,
                     server_hostname=origin.host if self._tls else None,
+                    # RFC 8305, as aiohttp and browsers do: when the name has several addresses
+                    # (IPv6 and IPv4), one that never answers holds up the next by 0.25 s, not
+                    # by the whole connect timeout.
+                    happy_eyeballs_delay=0.25,
+                    interleave=1,
                 )
         except TimeoutError:
             raise ConnectTimeout(f"connecting took longer than {timeout:g}s") from None

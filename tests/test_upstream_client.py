@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -392,3 +393,41 @@ async def test_a_body_cut_by_silence_is_never_taken_for_whole(scripted):
             await response.read()
     finally:
         pool.close()
+
+
+async def test_an_address_that_never_answers_does_not_hold_up_the_next_one(scripted, monkeypatch):
+    # The upstream's name resolves to two addresses; the first drops every connection attempt
+    # (as an unreachable IPv6 route does), the second answers. Like a browser or aiohttp, the
+    # proxy starts on the second a quarter second later instead of waiting out the first.
+    upstream = await scripted(fixed(ok()))
+    port = int(upstream.url.rsplit(":", 1)[1])
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", port))
+    silent.listen(0)
+    fillers = []
+    for _ in range(2):  # fill the accept queue: Linux then drops further attempts unanswered
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.2", port))
+        fillers.append(filler)
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host != "upstream.test":
+            return real(host, *args, **kwargs)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in ("127.0.0.2", "127.0.0.1")
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    pool = http1.Pool(http1.Origin(f"http://upstream.test:{port}"))
+    try:
+        started = asyncio.get_running_loop().time()
+        response = await pool.request("POST", "/v1/completions", CIMultiDict(), b"{}", 3.0, 3.0)
+        assert json.loads(await response.read())["usage"]["total_tokens"] == 4
+        assert asyncio.get_running_loop().time() - started < 1.5
+    finally:
+        pool.close()
+        for sock in (silent, *fillers):
+            sock.close()
