@@ -10,6 +10,10 @@ arrives, and bytes reach the relay as they came: no decompression, chunked frami
   rather than reused, since the upstream may be closing it at that very moment. A connection
   goes back only when its answer was whole, the upstream allowed keep-alive and nothing of the
   request is still unsent.
+- **Connecting.** The upstream's name is looked up once for a burst of new connections and its
+  addresses kept for ``_DNS_TTL`` seconds (as aiohttp does); the addresses are tried RFC 8305
+  style through ``aiohappyeyeballs``, so one that never answers (a broken IPv6 route) holds up
+  the next by 0.25 s, not by the whole connect timeout.
 - **Timeouts.** Connecting is bounded by ``connect_timeout``. While an answer is awaited or read,
   one timer per request checks the time of the last bytes received: silence past ``read_timeout``
   ends the answer with ``UpstreamTimeout``. Nothing is rescheduled per read, and while reading is
@@ -24,14 +28,18 @@ a client is told.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 from urllib.parse import urlsplit
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict
 
 _IDLE_EXPIRY = 15.0  # seconds a kept-alive connection may sit unused before it is closed
+_DNS_TTL = 10.0  # seconds the upstream's looked-up addresses serve new connections
+_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's recommended wait before trying the next address
 _HIGH_WATER = 256 * 1024  # unread body bytes that pause reading from the upstream
 _LOW_WATER = 64 * 1024
 # Requests sent again on a fresh connection when a reused one closed before any answer.
@@ -414,6 +422,9 @@ class Pool:
         self._all: set[Connection] = set()
         self._tls = ssl.create_default_context() if origin.tls else None
         self._retired = False
+        self._addresses: list[aiohappyeyeballs.AddrInfoType] = []
+        self._addresses_until = 0.0
+        self._lookup: asyncio.Task[list[aiohappyeyeballs.AddrInfoType]] | None = None
 
     async def request(
         self,
@@ -470,6 +481,8 @@ class Pool:
 
     def close(self) -> None:
         self.retire()
+        if self._lookup is not None:
+            self._lookup.cancel()
         for connection in list(self._all):
             connection.close()
 
@@ -489,17 +502,17 @@ class Pool:
         origin = self.origin
         try:
             async with asyncio.timeout(timeout):
+                sock = await aiohappyeyeballs.start_connection(
+                    await self._look_up(),
+                    happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
+                    interleave=1,
+                    loop=self.loop,
+                )
                 _, connection = await self.loop.create_connection(
                     lambda: Connection(self),
-                    origin.host,
-                    origin.port,
+                    sock=sock,
                     ssl=self._tls,
                     server_hostname=origin.host if self._tls else None,
-                    # RFC 8305, as aiohttp and browsers do: when the name has several addresses
-                    # (IPv6 and IPv4), one that never answers holds up the next by 0.25 s, not
-                    # by the whole connect timeout.
-                    happy_eyeballs_delay=0.25,
-                    interleave=1,
                 )
         except TimeoutError:
             raise ConnectTimeout(f"connecting took longer than {timeout:g}s") from None
@@ -509,9 +522,31 @@ class Pool:
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS: {exc.reason or exc}") from None
         except OSError as exc:
+            self._addresses_until = 0.0  # look the name up afresh next time: it may have moved
             raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
         self._all.add(connection)
         return connection
+
+    async def _look_up(self) -> list[aiohappyeyeballs.AddrInfoType]:
+        """The upstream's addresses: kept for ``_DNS_TTL``; one lookup serves every caller."""
+        if self.loop.time() < self._addresses_until:
+            return self._addresses
+        if self._lookup is None:
+            self._lookup = self.loop.create_task(self._resolve())
+        # Shielded: a caller that times out leaves the lookup running for the others.
+        return await asyncio.shield(self._lookup)
+
+    async def _resolve(self) -> list[aiohappyeyeballs.AddrInfoType]:
+        origin = self.origin
+        try:
+            infos = await self.loop.getaddrinfo(
+                origin.host, origin.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        finally:
+            self._lookup = None
+        self._addresses = list(infos)
+        self._addresses_until = self.loop.time() + _DNS_TTL
+        return self._addresses
 
     def _head(self, method: str, target: str, headers: CIMultiDict[str], length: int) -> bytes:
         origin = self.origin

@@ -395,7 +395,32 @@ async def test_a_body_cut_by_silence_is_never_taken_for_whole(scripted):
         pool.close()
 
 
-async def test_an_address_that_never_answers_does_not_hold_up_the_next_one(scripted, monkeypatch):
+class Names:
+    """Fake answers for names under ``.test``: the one thing here with no real server to ask."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.addresses: dict[str, list[str]] = {}
+        self.lookups = 0
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host not in self.addresses:
+                return real(host, port, *args, **kwargs)
+            self.lookups += 1
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+                for address in self.addresses[host]
+            ]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture
+def names(monkeypatch: pytest.MonkeyPatch) -> Names:
+    return Names(monkeypatch)
+
+
+async def test_an_address_that_never_answers_does_not_hold_up_the_next_one(scripted, names):
     # The upstream's name resolves to two addresses; the first drops every connection attempt
     # (as an unreachable IPv6 route does), the second answers. Like a browser or aiohttp, the
     # proxy starts on the second a quarter second later instead of waiting out the first.
@@ -410,17 +435,7 @@ async def test_an_address_that_never_answers_does_not_hold_up_the_next_one(scrip
         filler.setblocking(False)
         filler.connect_ex(("127.0.0.2", port))
         fillers.append(filler)
-    real = socket.getaddrinfo
-
-    def resolve(host, *args, **kwargs):
-        if host != "upstream.test":
-            return real(host, *args, **kwargs)
-        return [
-            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
-            for address in ("127.0.0.2", "127.0.0.1")
-        ]
-
-    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    names.addresses["upstream.test"] = ["127.0.0.2", "127.0.0.1"]
     pool = http1.Pool(http1.Origin(f"http://upstream.test:{port}"))
     try:
         started = asyncio.get_running_loop().time()
@@ -431,3 +446,29 @@ async def test_an_address_that_never_answers_does_not_hold_up_the_next_one(scrip
         pool.close()
         for sock in (silent, *fillers):
             sock.close()
+
+
+async def test_the_upstream_s_name_is_looked_up_once_per_burst_and_again_when_stale(
+    scripted, names, monkeypatch
+):
+    # Every request needs a new connection.
+    upstream = await scripted(fixed(ok(extra="Connection: close\r\n"), keep=False))
+    port = int(upstream.url.rsplit(":", 1)[1])
+    names.addresses["upstream.test"] = ["127.0.0.1"]
+    monkeypatch.setattr(http1, "_DNS_TTL", 1.0)
+    pool = http1.Pool(http1.Origin(f"http://upstream.test:{port}"))
+
+    async def send() -> None:
+        response = await pool.request("POST", "/v1/completions", CIMultiDict(), b"{}", 3.0, 3.0)
+        assert json.loads(await response.read())["usage"]["total_tokens"] == 4
+        response.release()
+
+    try:
+        await asyncio.gather(*(send() for _ in range(8)))
+        await send()
+        assert (names.lookups, upstream.connections) == (1, 9)
+        await asyncio.sleep(1.1)  # past the addresses' time to live
+        await send()
+        assert (names.lookups, upstream.connections) == (2, 10)
+    finally:
+        pool.close()
