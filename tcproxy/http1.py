@@ -533,6 +533,8 @@ class Pool:
             return self._addresses
         if self._lookup is None:
             self._lookup = self.loop.create_task(self._resolve())
+            # Seen as retrieved even when every caller gave up waiting before it failed.
+            self._lookup.add_done_callback(_seen)
         # Shielded: a caller that times out leaves the lookup running for the others.
         return await asyncio.shield(self._lookup)
 
@@ -562,3 +564,8 @@ class Pool:
         if head.count("\n") != breaks or head.count("\r") != breaks or "\x00" in head:
             raise ValueError("a header name or value holds a line break or NUL")
         return head.encode("utf-8", "surrogateescape")
+
+
+def _seen(task: asyncio.Task[list[aiohappyeyeballs.AddrInfoType]]) -> None:
+    if not task.cancelled():
+        task.exception()

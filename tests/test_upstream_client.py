@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -400,10 +402,14 @@ class Names:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.addresses: dict[str, list[str]] = {}
+        self.unknown: dict[str, float] = {}  # names that fail to resolve, after these seconds
         self.lookups = 0
         real = socket.getaddrinfo
 
         def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host in self.unknown:
+                time.sleep(self.unknown[host])  # runs on the loop's executor, as the real one does
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
             if host not in self.addresses:
                 return real(host, port, *args, **kwargs)
             self.lookups += 1
@@ -471,4 +477,30 @@ async def test_the_upstream_s_name_is_looked_up_once_per_burst_and_again_when_st
         await send()
         assert (names.lookups, upstream.connections) == (2, 10)
     finally:
+        pool.close()
+
+
+async def test_a_name_that_does_not_resolve_is_a_clear_502_even_after_the_caller_gave_up(
+    stack, names
+):
+    names.unknown["nowhere.test"] = 0.0
+    s = await stack(upstream_url="http://nowhere.test:9")
+    body = await expect_error(await s.complete(), 502, "upstream_unreachable")
+    assert "Name or service not known" in body["error"]["message"]
+    # A lookup slower than the connect timeout fails after its caller left: nothing may be
+    # left unretrieved for asyncio to complain about.
+    names.unknown["slow.test"] = 0.3
+    pool = http1.Pool(http1.Origin("http://slow.test:9"))
+    loop = asyncio.get_running_loop()
+    complaints: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: complaints.append(context))
+    try:
+        with pytest.raises(http1.ConnectTimeout):
+            await pool.request("GET", "/v1/models", CIMultiDict(), b"", 0.05, 1.0)
+        await asyncio.sleep(0.5)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert complaints == []
+    finally:
+        loop.set_exception_handler(None)
         pool.close()
