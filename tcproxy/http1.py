@@ -28,6 +28,7 @@ a client is told.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import ssl
 from collections import deque
@@ -423,7 +424,7 @@ class Pool:
         self._tls = ssl.create_default_context() if origin.tls else None
         self._retired = False
         self._addresses: list[aiohappyeyeballs.AddrInfoType] = []
-        self._addresses_until = 0.0
+        self._looked_up_at = -math.inf
         self._lookup: asyncio.Task[list[aiohappyeyeballs.AddrInfoType]] | None = None
 
     async def request(
@@ -501,13 +502,16 @@ class Pool:
     async def _connect(self, timeout: float) -> Connection:
         origin = self.origin
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
                 sock = await aiohappyeyeballs.start_connection(
                     await self._look_up(),
                     happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
                     interleave=1,
                     loop=self.loop,
                 )
+                if deadline.expired():  # it can swallow the timeout's cancel as it finishes
+                    sock.close()
+                    raise TimeoutError
                 _, connection = await self.loop.create_connection(
                     lambda: Connection(self),
                     sock=sock,
@@ -522,21 +526,28 @@ class Pool:
         except ssl.SSLError as exc:
             raise ConnectFailed(f"TLS: {exc.reason or exc}") from None
         except OSError as exc:
-            self._addresses_until = 0.0  # look the name up afresh next time: it may have moved
+            self._looked_up_at = -math.inf  # look the name up afresh next time: it may have moved
             raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
         self._all.add(connection)
         return connection
 
     async def _look_up(self) -> list[aiohappyeyeballs.AddrInfoType]:
         """The upstream's addresses: kept for ``_DNS_TTL``; one lookup serves every caller."""
-        if self.loop.time() < self._addresses_until:
+        if self.loop.time() - self._looked_up_at < _DNS_TTL:
             return self._addresses
-        if self._lookup is None:
-            self._lookup = self.loop.create_task(self._resolve())
+        lookup = self._lookup
+        if lookup is None:
+            lookup = self._lookup = self.loop.create_task(self._resolve())
             # Seen as retrieved even when every caller gave up waiting before it failed.
-            self._lookup.add_done_callback(_seen)
-        # Shielded: a caller that times out leaves the lookup running for the others.
-        return await asyncio.shield(self._lookup)
+            lookup.add_done_callback(_seen)
+        try:
+            # Shielded: a caller that times out leaves the lookup running for the others.
+            return await asyncio.shield(lookup)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if lookup.cancelled() and current is not None and not current.cancelling():
+                raise ConnectFailed("tcproxy is shutting down") from None  # close() ended it
+            raise
 
     async def _resolve(self) -> list[aiohappyeyeballs.AddrInfoType]:
         origin = self.origin
@@ -546,8 +557,10 @@ class Pool:
             )
         finally:
             self._lookup = None
+        if not infos:  # as asyncio itself guards: never cache an empty answer
+            raise OSError(f"no address found for {origin.host}")
         self._addresses = list(infos)
-        self._addresses_until = self.loop.time() + _DNS_TTL
+        self._looked_up_at = self.loop.time()
         return self._addresses
 
     def _head(self, method: str, target: str, headers: CIMultiDict[str], length: int) -> bytes:

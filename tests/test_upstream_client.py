@@ -461,7 +461,6 @@ async def test_the_upstream_s_name_is_looked_up_once_per_burst_and_again_when_st
     upstream = await scripted(fixed(ok(extra="Connection: close\r\n"), keep=False))
     port = int(upstream.url.rsplit(":", 1)[1])
     names.addresses["upstream.test"] = ["127.0.0.1"]
-    monkeypatch.setattr(http1, "_DNS_TTL", 1.0)
     pool = http1.Pool(http1.Origin(f"http://upstream.test:{port}"))
 
     async def send() -> None:
@@ -473,7 +472,7 @@ async def test_the_upstream_s_name_is_looked_up_once_per_burst_and_again_when_st
         await asyncio.gather(*(send() for _ in range(8)))
         await send()
         assert (names.lookups, upstream.connections) == (1, 9)
-        await asyncio.sleep(1.1)  # past the addresses' time to live
+        monkeypatch.setattr(http1, "_DNS_TTL", 0.0)  # as if the addresses' time to live had passed
         await send()
         assert (names.lookups, upstream.connections) == (2, 10)
     finally:
@@ -504,3 +503,20 @@ async def test_a_name_that_does_not_resolve_is_a_clear_502_even_after_the_caller
     finally:
         loop.set_exception_handler(None)
         pool.close()
+
+
+async def test_an_empty_lookup_or_a_pool_closed_mid_lookup_fails_as_an_upstream_error(names):
+    names.addresses["empty.test"] = []
+    pool = http1.Pool(http1.Origin("http://empty.test:9"))
+    with pytest.raises(http1.ConnectFailed, match="no address found for empty.test"):
+        await pool.request("GET", "/v1/models", CIMultiDict(), b"", 1.0, 1.0)
+    pool.close()
+    # Shutting down while a request waits for the name: an upstream error, not a cancellation
+    # of a request nobody cancelled.
+    names.unknown["slow.test"] = 0.3
+    pool = http1.Pool(http1.Origin("http://slow.test:9"))
+    waiting = asyncio.ensure_future(pool.request("GET", "/v1/models", CIMultiDict(), b"", 1.0, 1.0))
+    await asyncio.sleep(0.05)
+    pool.close()
+    with pytest.raises(http1.ConnectFailed, match="shutting down"):
+        await waiting
