@@ -508,7 +508,7 @@ async def test_a_name_that_does_not_resolve_is_a_clear_502_even_after_the_caller
 async def test_an_empty_lookup_or_a_pool_closed_mid_lookup_fails_as_an_upstream_error(names):
     names.addresses["empty.test"] = []
     pool = http1.Pool(http1.Origin("http://empty.test:9"))
-    with pytest.raises(http1.ConnectFailed, match="no address found for empty.test"):
+    with pytest.raises(http1.ConnectFailed, match=r"no address found for empty\.test"):
         await pool.request("GET", "/v1/models", CIMultiDict(), b"", 1.0, 1.0)
     pool.close()
     # Shutting down while a request waits for the name: an upstream error, not a cancellation
