@@ -16,6 +16,7 @@ from aiohttp import web
 from tcproxy import manage, middleware, proxy
 from tcproxy.clients import ClientTable
 from tcproxy.config import Config, Secret
+from tcproxy.housekeeping import keep_house
 from tcproxy.ledger import Ledger
 from tcproxy.metrics import METRICS, Metrics
 from tcproxy.pacing import Limiter
@@ -63,6 +64,7 @@ def build_app(
         app.cleanup_ctx.append(_shared_pacing)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_limiter)
+    app.cleanup_ctx.append(keep_house)
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
     app.router.add_get("/-/healthy", manage.healthy)
     app.router.add_get("/-/ready", manage.ready)
