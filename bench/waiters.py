@@ -73,7 +73,7 @@ async def cycle(number: int, url: str, waiters: int, probe: aiohttp.ClientSessio
     started = time.perf_counter()
     while (left := await depth(probe, url)) > 0 and time.perf_counter() - started < 60:
         await asyncio.sleep(0.2)
-    await asyncio.sleep(3)  # time for tcproxy's housekeeping to see the burst is over
+    await asyncio.sleep(5)  # time for tcproxy's housekeeping to see the burst is over
     return (
         f"{number:>5} {waiters:>8} {queued_in:>8.1f}s {rss:>9.1f} {files:>7}"
         f" {percentile(latency, 50):>8.2f} {percentile(latency, 99):>8.2f}"
@@ -108,7 +108,7 @@ async def main(waiters: int, cycles: int) -> None:
             print(f"\nabout {per_waiter_kib:.1f} KiB per waiting request (first cycle, over idle)")
             print(
                 "healthy = /-/healthy p50 ms while they wait; left = still queued after every"
-                " client hung up; RSS/files after = 3 s after they are gone"
+                " client hung up; RSS/files after = 5 s after they are gone"
             )
     finally:
         await proxy.stop()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import platform
+import sys
 
 import pytest
 
@@ -24,56 +27,101 @@ class Blocks:
 
 def keeper(blocks: Blocks) -> tuple[Housekeeper, list[int]]:
     cleaned: list[int] = []
-    return Housekeeper(blocks, clean=lambda: cleaned.append(blocks.now)), cleaned
+
+    def clean() -> bool:
+        cleaned.append(blocks.now)
+        return True
+
+    return Housekeeper(blocks, clean=clean), cleaned
+
+
+def run(house: Housekeeper, blocks: Blocks, counts: list[int]) -> None:
+    for now in counts:
+        blocks.now = now
+        house.check()
 
 
 def test_a_burst_that_came_and_went_is_cleaned_up_once_its_fall_settles():
     blocks = Blocks(200_000)
     house, cleaned = keeper(blocks)
-    for now in (500_000, 1_500_000, 1_500_000):  # rising, then held: nothing to give back
+    run(house, blocks, [500_000, 1_500_000, 1_500_000, 1_500_000])  # rising, then held
+    run(house, blocks, [700_000, 300_000, 299_000])  # the clients hang up
+    assert cleaned == []  # not settled yet
+    run(house, blocks, [298_000, 299_500])
+    assert cleaned == [299_500]
+    run(house, blocks, [299_000] * 10)  # and not again while nothing changes
+    assert cleaned == [299_500]
+
+
+def test_a_queue_drained_slowly_is_cleaned_up_once_it_is_empty_not_on_the_way():
+    blocks = Blocks(200_000)
+    queued = [10_000]
+    house = Housekeeper(blocks, queued=lambda: queued[0], clean=lambda: bool(cleaned.append(1)))
+    cleaned: list[int] = []
+    run(house, blocks, [1_700_000] * 3)
+    for now in range(1_700_000, 220_000, -150):  # one request a second leaves, for hours
+        queued[0] = max(0, queued[0] - 1)
         blocks.now = now
-        assert not house.check()
-    blocks.now = 700_000  # the clients hang up: still falling fast
-    assert not house.check()
-    blocks.now = 300_000
-    assert not house.check()
-    blocks.now = 295_000  # settled
-    assert house.check()
-    assert cleaned == [295_000]
-    for _ in range(3):  # and not again while nothing changes
-        assert not house.check()
-    assert cleaned == [295_000]
-
-
-def test_steady_load_and_small_swings_are_left_alone():
-    blocks = Blocks(1_000_000)
-    house, cleaned = keeper(blocks)
-    for now in (1_000_000 + BURST // 2, 1_000_000, 1_200_000, 1_200_000 - BURST, 1_000_000):
-        blocks.now = now  # falls by BURST but less than a third of the peak
         house.check()
     assert cleaned == []
+    queued[0] = 0
+    run(house, blocks, [220_000] * 3)
+    assert cleaned == [1]
+
+
+def test_a_fall_still_under_way_is_waited_out():
+    blocks = Blocks(200_000)
+    house, cleaned = keeper(blocks)
+    run(house, blocks, [1_700_000] * 3)
+    run(house, blocks, list(range(1_700_000, 230_000, -3_000)))  # 3,000 blocks a second
+    assert cleaned == []
+    run(house, blocks, [230_000] * (housekeeping._SETTLED + 1))  # its last steps, then flat
+    assert cleaned == [230_000]
+
+
+def test_small_swings_are_left_alone_however_big_the_process():
+    blocks = Blocks(3_000_000)
+    house, cleaned = keeper(blocks)
+    run(house, blocks, [3_000_000 + BURST // 2, 3_000_000] * 20)
+    assert cleaned == []
+    run(house, blocks, [3_700_000, 3_000_000, 3_000_000, 3_000_000, 3_000_000])  # a real burst
+    assert cleaned == [3_000_000]
 
 
 def test_a_second_burst_after_a_clean_up_is_cleaned_up_too():
     blocks = Blocks(200_000)
     house, cleaned = keeper(blocks)
-    for now in (1_000_000, 250_000, 250_000, 900_000, 240_000, 240_000):
-        blocks.now = now
-        house.check()
+    run(house, blocks, [1_000_000] + [250_000] * 4 + [900_000] + [240_000] * 4)
     assert cleaned == [250_000, 240_000]
+
+
+def test_a_clean_up_that_fails_is_not_retried_every_second():
+    blocks = Blocks(200_000)
+    attempts: list[int] = []
+
+    def failing() -> bool:
+        attempts.append(blocks.now)
+        raise OSError("no heap to trim")
+
+    house = Housekeeper(blocks, clean=failing)
+    blocks.now = 1_000_000
+    house.check()
+    blocks.now = 200_000
+    for _ in range(10):
+        with contextlib.suppress(OSError):
+            house.check()
+    assert attempts == [200_000]
 
 
 def test_the_real_clean_up_collects_trims_and_logs_what_came_back(logs):
     blocks = Blocks(200_000)
     house = Housekeeper(blocks)  # the real gc.collect() and malloc_trim()
-    blocks.now = 2_000_000
-    house.check()
-    blocks.now = 200_000
-    assert not house.check()  # still falling
-    assert house.check()
+    run(house, blocks, [2_000_000, 200_000, 200_000, 200_000, 200_000])
     (line,) = logs.events("memory returned after a burst")
     assert line["rss_before_mib"] > 0 and line["rss_after_mib"] > 0
     assert line["took_ms"] >= 0
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert line["heap_trimmed"] is True
 
 
 async def test_the_running_proxy_checks_every_second(stack, monkeypatch):
