@@ -1,7 +1,7 @@
 """Giving memory back once a burst has passed.
 
 When a burst is over (say 10,000 requests queued and then gone), CPython has freed most of what
-they held at once. Two things still keep a quiet proxy's RSS near its peak for hours:
+they held at once. Two things still keep a quiet proxy's RSS near its peak:
 
 - the reference cycles each cancelled request leaves (its task, exception and traceback) wait
   for a full collection, which a process doing little may not run for a long time;

@@ -73,6 +73,10 @@ class BadResponse(UpstreamFailure):
     """What the upstream sent is not a valid HTTP/1.1 response."""
 
 
+class UnsafeHeader(ValueError):
+    """A header name or value would break the request's framing: never sent."""
+
+
 class Origin:
     """Where requests go: scheme, host, port and path prefix of the configured base URL."""
 
@@ -575,7 +579,7 @@ class Pool:
         # smuggle a header or a second request.
         breaks = len(lines)
         if head.count("\n") != breaks or head.count("\r") != breaks or "\x00" in head:
-            raise ValueError("a header name or value holds a line break or NUL")
+            raise UnsafeHeader("a header name or value holds a line break or NUL")
         return head.encode("utf-8", "surrogateescape")
 
 

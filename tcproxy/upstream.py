@@ -135,7 +135,7 @@ class Upstream:
             raise BadGateway(
                 "upstream_bad_response", "the upstream sent a response that is not valid HTTP"
             ) from None
-        except ValueError as exc:
+        except http1.UnsafeHeader as exc:
             raise BadRequest("bad_header", f"the request cannot be sent upstream: {exc}") from None
         self.reachable = True
         if 300 <= response.status < 400:

@@ -520,3 +520,15 @@ async def test_an_empty_lookup_or_a_pool_closed_mid_lookup_fails_as_an_upstream_
     pool.close()
     with pytest.raises(http1.ConnectFailed, match="shutting down"):
         await waiting
+
+
+async def test_a_header_that_would_break_the_framing_is_never_sent(scripted):
+    upstream = await scripted(fixed(ok()))
+    pool = http1.Pool(http1.Origin(upstream.url))
+    try:
+        headers = CIMultiDict({"X-Note": "a\r\nX-Smuggled: 1"})
+        with pytest.raises(http1.UnsafeHeader):
+            await pool.request("POST", "/v1/completions", headers, b"{}", 1.0, 1.0)
+        assert upstream.connections == 0
+    finally:
+        pool.close()
